@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the demo pipeline end to end) and `make test` (the tests).
+# Both create .venv and install the package first when needed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORES ?= 2
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/snakemake --cores $(CORES) results/tables.md
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/bench_statistics.py
+	$(BIN)/python bench/bench_distill_step.py
+
+clean-demo:
+	rm -rf results resources .snakemake

@@ -1,0 +1,138 @@
+"""Checkpoint files: atomic writes, safe loads, and the RNG state of a process.
+
+Every file the pipeline writes goes through :func:`atomic_save` (temp file in the same folder,
+then ``os.replace``), so a killed job never leaves a half-written file behind. Every load goes
+through :func:`load_file` with ``torch.load(weights_only=True)`` and turns unreadable or
+truncated files into a one-line :class:`~kcd.errors.KcdError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kcd.errors import KcdError
+
+
+def _atomic_write(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically."""
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, torch.Tensor) and o.numel() == 1:
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """Load a file written by :func:`atomic_save` (weights only), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise KcdError(f"{what} {path} does not exist; run the step that writes it first")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code objects...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KcdError(
+            f"{what} {path} is unreadable or truncated ({first}); delete it and rerun the step"
+        ) from None
+
+
+def load_model_weights(path: str | os.PathLike, arch: str, what: str = "weights") -> dict:
+    """Load a ``{"arch", "state_dict", ...}`` model file and check its architecture."""
+    obj = load_file(path, what)
+    if not isinstance(obj, dict) or "state_dict" not in obj or "arch" not in obj:
+        raise KcdError(f"{what} {path} is not a kcd model file (no 'arch'/'state_dict')")
+    if obj["arch"] != arch:
+        raise KcdError(
+            f"{what} {path} holds a {obj['arch']} but a {arch} was asked for; "
+            "check the architecture names in the config"
+        )
+    return obj
+
+
+def rng_state() -> dict:
+    """Every RNG state a training process uses (torch CPU/CUDA, numpy, python)."""
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "python": _python_state_to_tensors(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
+    random.setstate(_python_state_from_tensors(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# numpy/python RNG states hold tuples of ints and arrays; store them as tensors so that the
+# checkpoint stays loadable with weights_only=True.
+def _numpy_state_to_tensors(st) -> dict:
+    name, keys, pos, has_gauss, cached = st
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def _numpy_state_from_tensors(d: dict):
+    keys = d["keys"].numpy().astype(np.uint32)
+    return (d["name"], keys, d["pos"], d["has_gauss"], d["cached"])
+
+
+def _python_state_to_tensors(st) -> dict:
+    version, internal, gauss = st
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def _python_state_from_tensors(d: dict):
+    return (d["version"], tuple(int(v) for v in d["internal"].tolist()), d["gauss"])

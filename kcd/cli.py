@@ -1,0 +1,329 @@
+"""The ``kcd`` command line: one subcommand per step of Algorithm 1.
+
+Every subcommand reads and writes the files of the pipeline's layout (the Snakemake rules pass
+the paths), prints a one-line summary, and on bad input prints one line starting with
+``kcd: error:`` and exits with status 2, leaving nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+from kcd.errors import KcdError
+
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _config(args: argparse.Namespace) -> dict:
+    from kcd.config import load_config
+
+    return load_config(args.config or [DEFAULT_CONFIG], args.set or [])
+
+
+def _tracker(args: argparse.Namespace, cfg: dict, experiment: str, run_name: str, params: dict,
+             tags: dict):
+    if args.no_track:
+        return nullcontext(None)
+    from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
+
+    uri = tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
+    return MlflowTracker(uri, experiment, run_name, params=params,
+                         tags={**tags, "spec_hash": spec_hash(params)})
+
+
+def _summary(text: str) -> None:
+    print(f"kcd: {text}", flush=True)
+
+
+def _run_name(tags: dict) -> str:
+    keys = ("dataset", "teacher", "student", "method", "transform")
+    parts = [str(tags[k]) for k in keys if tags.get(k) not in (None, "")]
+    return "/".join(parts) + f"/s{tags.get('seed', 0)}"
+
+
+def _train(args: argparse.Namespace, spec) -> None:
+    from kcd.specs import to_dict
+    from kcd.train import RESULT, train
+
+    cfg = _config(args)
+    tags = {k: str(v) for k, v in spec.tags.items()}
+    params = {**{k: v for k, v in spec.tags.items()}, "recipe": to_dict(spec.recipe),
+              "distill": to_dict(spec.distill) if spec.distill else None}
+    with _tracker(args, cfg, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
+                  tags) as tracker:
+        result = train(spec, tracker=tracker, progress=not args.quiet)
+        if tracker is not None:
+            tracker.log_artifact(Path(spec.out_dir) / RESULT)
+            for path in (spec.distill.transforms if spec.distill else []):
+                if path:
+                    tracker.log_artifact(path)
+    if result:
+        extra = ""
+        if result.get("teacher_kl") is not None:
+            extra = f", teacher KL {result['teacher_kl']:.3f}"
+        _summary(f"{_run_name(spec.tags)}: top-1 {result['top1']:.2f}% top-5 "
+                 f"{result['top5']:.2f}%{extra} after {result['iterations']} iterations "
+                 f"({result['train_seconds']:.0f} s) -> {spec.out_dir}")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_demo_data(args: argparse.Namespace) -> None:
+    from kcd.data.demo import DemoSizes, write_demo_data
+
+    sizes = DemoSizes.tiny() if args.tiny else DemoSizes()
+    t = time.time()
+    write_demo_data(args.root, seed=args.seed, kinds=tuple(args.kinds), sizes=sizes,
+                    progress=not args.quiet)
+    _summary(f"demo data ({', '.join(args.kinds)}) in {args.root} ({time.time() - t:.1f} s)")
+
+
+def cmd_init(args: argparse.Namespace) -> None:
+    from kcd.config import num_classes
+    from kcd.train import init_weights
+
+    classes = args.num_classes or num_classes(_config(args), args.dataset)
+    init_weights(args.arch, args.seed, classes, args.out)
+    _summary(f"theta0 of {args.arch} seed {args.seed} ({classes} classes) -> {args.out}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from kcd.config import train_spec
+
+    spec = train_spec(_config(args), dataset=args.dataset, arch=args.arch, seed=args.seed,
+                      theta0=args.theta0, out_dir=args.out)
+    _train(args, spec)
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from kcd.config import train_spec
+
+    extra: dict[str, Any] = {}
+    if args.dynamic_every:
+        extra["dynamic_every"] = args.dynamic_every
+    spec = train_spec(
+        _config(args), dataset=args.dataset, arch=args.student, seed=args.seed,
+        theta0=args.theta0, out_dir=args.out, method=args.method, teacher=args.teacher,
+        teacher_weights=args.teacher_weights,
+        transforms=[args.transform] if args.transform else None,
+        anchors=args.anchor, tags={"teacher": args.teacher, "transform": args.transform_name
+                                   or ("none" if not args.transform else Path(args.transform).stem)},
+        **extra,
+    )
+    _train(args, spec)
+
+
+def _layers(args: argparse.Namespace) -> tuple[str, str]:
+    from kcd.models import model_spec
+
+    return (args.teacher_layer or model_spec(args.teacher).default_layer,
+            args.student_layer or model_spec(args.student).default_layer)
+
+
+def cmd_statistics(args: argparse.Namespace) -> None:
+    from kcd.config import data_spec, num_classes
+    from kcd.statistics import compute_statistics
+
+    cfg = _config(args)
+    st = cfg.get("statistics", {})
+    info = compute_statistics(
+        teacher=args.teacher, teacher_weights=args.teacher_weights, student=args.student,
+        student_weights=args.student_weights, layers=_layers(args),
+        data=data_spec(cfg, args.dataset), num_classes=num_classes(cfg, args.dataset),
+        out=args.out, metrics=args.metrics or st.get("metrics", ["correlation"]),
+        groups=args.groups or (), batch_size=st.get("batch_size", 256), progress=not args.quiet,
+    )
+    _summary(f"statistics of {info['samples']} images, {info['c_t']}x{info['c_s']} channels "
+             f"-> {args.out}")
+
+
+def cmd_transform(args: argparse.Namespace) -> None:
+    from kcd.statistics import LEARNED, learn_transform, make_transform
+
+    if args.strategy in LEARNED:
+        from kcd.config import data_spec, num_classes
+
+        cfg = _config(args)
+        missing = [f for f in ("teacher", "teacher_weights", "student", "student_weights",
+                               "dataset") if not getattr(args, f)]
+        if missing:
+            raise KcdError(f"strategy {args.strategy} learns from features: pass "
+                           + ", ".join("--" + m.replace("_", "-") for m in missing))
+        meta = learn_transform(
+            strategy=args.strategy, metric=args.metric, teacher=args.teacher,
+            teacher_weights=args.teacher_weights, student=args.student,
+            student_weights=args.student_weights, layers=_layers(args),
+            data=data_spec(cfg, args.dataset), num_classes=num_classes(cfg, args.dataset),
+            out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet,
+        )
+    else:
+        if not args.stats:
+            raise KcdError(f"strategy {args.strategy} needs --stats (from `kcd statistics`)")
+        meta = make_transform(args.stats, args.strategy, args.metric, args.out,
+                              groups=args.groups, seed=args.seed)
+    before = meta.get("gamma_before")
+    _summary(f"{args.strategy}-{args.metric} transform: Γ "
+             f"{'n/a' if before is None else f'{before:.4g}'} -> "
+             f"{meta.get('gamma_after', float('nan')):.4g} -> {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kcd.checkpoint import atomic_write_json
+    from kcd.config import data_spec, num_classes
+    from kcd.data.streams import eval_batches
+    from kcd.evaluate import evaluate
+    from kcd.train import load_model
+    from kcd.transforms import load_transform
+
+    cfg = _config(args)
+    classes = num_classes(cfg, args.dataset)
+    model = load_model(args.arch, args.weights, classes, "weights")
+    teacher = layers = None
+    transforms = []
+    if args.teacher:
+        if not args.teacher_weights:
+            raise KcdError("--teacher needs --teacher-weights")
+        teacher = load_model(args.teacher, args.teacher_weights, classes, "teacher weights").eval()
+        args.student = args.arch
+        layers = [_layers(args)]
+        transforms = [load_transform(args.transform) if args.transform else None]
+    result = evaluate(model, eval_batches(data_spec(cfg, args.dataset), 256), teacher=teacher,
+                      layers=layers or (), transforms=transforms, progress=not args.quiet)
+    if args.out:
+        atomic_write_json(result, args.out)
+    _summary(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", action="append", metavar="FILE",
+                       help=f"config file(s), later ones win (default {DEFAULT_CONFIG})")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one config key, e.g. recipes.cifar100.default.lr=0.05")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _tracked(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kcd", description="Knowledge Consistent Distillation: one subcommand per step "
+                                "of Algorithm 1.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(fn=fn)
+        _common(p, config)
+        return p
+
+    p = add("demo-data", cmd_demo_data, "write the demo datasets in the real on-disk formats",
+            config=False)
+    p.add_argument("--root", default="resources/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", nargs="+", default=["cifar100", "imagenet", "coco"],
+                   choices=["cifar100", "imagenet", "coco"])
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
+
+    p = add("init", cmd_init, "write theta0, the initial weights of (architecture, seed)")
+    p.add_argument("--arch", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--dataset", help="dataset whose class count to use")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--out", required=True)
+
+    p = add("pretrain", cmd_pretrain, "train a model from its theta0 with cross-entropy "
+                                      "(teachers, and the students of Algorithm 1 step 3)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--theta0", required=True)
+    p.add_argument("--out", required=True, help="run folder (final.pt, result.json, anchors/)")
+    _tracked(p)
+
+    p = add("distill", cmd_distill, "distil a teacher into a student re-initialised from its "
+                                    "theta0 (Algorithm 1 step 7)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--theta0", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--teacher-weights")
+    p.add_argument("--method", required=True, help="baseline, kd, fitnets, at, rkd, ab, rco, l2")
+    p.add_argument("--transform", help="channel transform file (the KCD part)")
+    p.add_argument("--transform-name", help="name of the transform for tracking/tables")
+    p.add_argument("--anchor", action="append", help="RCO anchor weights, in route order")
+    p.add_argument("--dynamic-every", type=int, default=0,
+                   help="recompute the transform every E iterations (Table 5)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", required=True)
+    _tracked(p)
+
+    for name, fn, text in (
+        ("statistics", cmd_statistics, "accumulate consistency statistics of a teacher/student "
+                                       "pair over the training set (Algorithm 1 step 4)"),
+        ("transform", cmd_transform, "compute a channel transform from statistics "
+                                     "(Algorithm 1 step 5)"),
+    ):
+        p = add(name, fn, text)
+        p.add_argument("--dataset")
+        p.add_argument("--teacher")
+        p.add_argument("--teacher-weights")
+        p.add_argument("--student")
+        p.add_argument("--student-weights")
+        p.add_argument("--teacher-layer")
+        p.add_argument("--student-layer")
+        p.add_argument("--out", required=True)
+        if name == "statistics":
+            p.add_argument("--metrics", nargs="+")
+            p.add_argument("--groups", type=int, nargs="+",
+                           help="also per-class statistics for K groups of labels (Table 6)")
+        else:
+            p.add_argument("--stats")
+            p.add_argument("--strategy", required=True)
+            p.add_argument("--metric", default="correlation")
+            p.add_argument("--groups", type=int, default=1)
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--steps", type=int, default=200, help="learned strategies: steps")
+
+    p = add("evaluate", cmd_evaluate, "evaluate a model (and its distance to a teacher)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--arch", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--teacher")
+    p.add_argument("--teacher-weights")
+    p.add_argument("--transform")
+    p.add_argument("--teacher-layer")
+    p.add_argument("--student-layer")
+    p.add_argument("--out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except KcdError as e:
+        print(f"kcd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kcd: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

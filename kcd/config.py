@@ -1,0 +1,223 @@
+"""The pipeline's configuration: load, merge, validate, and resolve into run specs.
+
+``config/config.yaml`` (demo scale) and ``config/paper.yaml`` (Section 4.1) are data. They are
+checked against ``kcd/schemas/config.schema.yaml`` and against the registries (datasets,
+models, methods), and every error names the offending key. The resolvers turn the config
+into the :mod:`kcd.specs` a job runs; both the Snakemake rules and the CLI use them, so a run
+started by hand and one started by the DAG are the same run.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+import yaml
+
+from kcd.errors import KcdError
+from kcd.specs import DataSpec, Recipe, TrainSpec, from_dict
+
+_SCHEMA: dict | None = None
+
+
+def schema() -> dict:
+    """The JSON schema of the config (kept in the package so every entry point shares it)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        text = resources.files("kcd").joinpath("schemas/config.schema.yaml").read_text()
+        _SCHEMA = yaml.safe_load(text)
+    return _SCHEMA
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` merged into a copy of ``base``, mappings recursively, everything else replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` (value parsed as YAML) -> ``{"a": {"b": {"c": value}}}``."""
+    if "=" not in text:
+        raise KcdError(f"override '{text}' is not KEY=VALUE (e.g. recipes.cifar100.default.lr=0.05)")
+    key, value = text.split("=", 1)
+    out: Any = yaml.safe_load(value)
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> dict:
+    """Load YAML files in order (later ones win), apply ``KEY=VALUE`` overrides, validate."""
+    cfg: dict = {}
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise KcdError(f"config file {p} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise KcdError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise KcdError(f"config file {p} must hold a mapping at the top level")
+        cfg = deep_merge(cfg, data)
+    for o in overrides:
+        cfg = deep_merge(cfg, parse_override(o))
+    return validate_config(cfg)
+
+
+def validate_config(cfg: dict) -> dict:
+    """Check ``cfg`` against the schema and the registries; the first error names its key."""
+    validator = jsonschema.Draft202012Validator(schema())
+    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.path)))
+    if errors:
+        e = errors[0]
+        key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise KcdError(f"config key {key}: {e.message}")
+    from kcd.data import DATASETS
+    from kcd.losses import LOSSES
+
+    for name in cfg.get("datasets", {}):
+        if name not in DATASETS:
+            raise KcdError(f"config key datasets.{name}: unknown dataset; known: "
+                           f"{', '.join(DATASETS.names())}")
+    for section in ("methods",):
+        for name in cfg.get(section, {}):
+            if name not in LOSSES:
+                raise KcdError(f"config key {section}.{name}: unknown method; known: "
+                               f"{', '.join(LOSSES.names())}")
+    for ds, methods in cfg.get("method_overrides", {}).items():
+        for name in methods:
+            if name not in LOSSES:
+                raise KcdError(f"config key method_overrides.{ds}.{name}: unknown method; "
+                               f"known: {', '.join(LOSSES.names())}")
+    for ds, recipes in cfg.get("recipes", {}).items():
+        for arch, r in recipes.items():
+            if arch != "default":
+                _known_model(arch, f"recipes.{ds}.{arch}")
+            ms = r.get("milestones", [])
+            if ms != sorted(ms):
+                raise KcdError(f"config key recipes.{ds}.{arch}.milestones: must be increasing")
+    return cfg
+
+
+def _known_model(name: str, key: str) -> None:
+    from kcd.models import MODELS
+
+    if name not in MODELS:
+        raise KcdError(f"config key {key}: unknown architecture '{name}'; known: "
+                       f"{', '.join(MODELS.names())}")
+
+
+def dataset_config(cfg: dict, dataset: str) -> dict:
+    try:
+        return cfg["datasets"][dataset]
+    except KeyError:
+        raise KcdError(f"config key datasets.{dataset} is missing; add its root") from None
+
+
+def data_spec(cfg: dict, dataset: str) -> DataSpec:
+    """The :class:`DataSpec` of ``dataset`` (root, image size, loader)."""
+    d = {k: v for k, v in dataset_config(cfg, dataset).items() if k not in ("num_classes", "download")}
+    return from_dict(DataSpec, {"name": dataset, **d}, f"datasets.{dataset}")
+
+
+def num_classes(cfg: dict, dataset: str) -> int:
+    """``datasets.<dataset>.num_classes``, else counted from the dataset on disk."""
+    d = dataset_config(cfg, dataset)
+    if d.get("num_classes"):
+        return int(d["num_classes"])
+    from kcd.data.datasets import num_classes as count_classes
+
+    return count_classes(dataset, d["root"])
+
+
+def recipe(cfg: dict, dataset: str, arch: str) -> Recipe:
+    """The recipe for ``arch`` on ``dataset``: ``recipes.<dataset>.default`` + arch overrides."""
+    try:
+        table = cfg["recipes"][dataset]
+    except KeyError:
+        raise KcdError(f"config key recipes.{dataset} is missing") from None
+    merged = deep_merge(table["default"], table.get(arch, {}))
+    return from_dict(Recipe, merged, f"recipes.{dataset}")
+
+
+def method_config(cfg: dict, dataset: str, method: str) -> dict:
+    """``methods.<method>`` with ``method_overrides.<dataset>.<method>`` merged over it."""
+    if method == "baseline":
+        return {}
+    from kcd.losses import LOSSES
+
+    LOSSES.get(method)
+    base = cfg.get("methods", {}).get(method, {})
+    over = cfg.get("method_overrides", {}).get(dataset, {}).get(method, {})
+    return deep_merge(base, over)
+
+
+def anchor_iterations(cfg: dict, dataset: str, arch: str) -> list[int]:
+    """Iterations at which pre-training saves RCO anchors (the final weights are the last one).
+
+    ``methods.rco.anchors`` = n anchors on the route: n - 1 evenly spaced intermediate
+    checkpoints plus the trained teacher itself.
+    """
+    n = int(cfg.get("methods", {}).get("rco", {}).get("anchors", 0))
+    total = recipe(cfg, dataset, arch).iterations
+    return sorted({max(1, round(total * k / n)) for k in range(1, n)} - {total}) if n > 1 else []
+
+
+def train_spec(
+    cfg: dict,
+    *,
+    dataset: str,
+    arch: str,
+    seed: int,
+    theta0: str,
+    out_dir: str,
+    method: str | None = None,
+    teacher: str | None = None,
+    teacher_weights: str | None = None,
+    transforms: list[str | None] | None = None,
+    anchors: list[str] | None = None,
+    tags: dict | None = None,
+    **distill_extra: Any,
+) -> TrainSpec:
+    """The :class:`TrainSpec` of a pre-training (``method`` None) or distillation run."""
+
+    _known_model(arch, "arch")
+    distill = None
+    if method is not None:
+        mc = method_config(cfg, dataset, method)
+        if teacher is not None:
+            _known_model(teacher, "teacher")
+        distill = {
+            "method": method,
+            "teacher": teacher,
+            "teacher_weights": teacher_weights,
+            "weight": mc.get("weight"),
+            "options": mc.get("options", {}),
+            "pre_relu": mc.get("pre_relu", False),
+            "init_iterations": mc.get("init_iterations", 0),
+            "transforms": transforms or [],
+            "anchors": anchors or [] if method == "rco" else [],
+            **distill_extra,
+        }
+    spec = {
+        "arch": arch,
+        "seed": seed,
+        "num_classes": num_classes(cfg, dataset),
+        "theta0": theta0,
+        "out_dir": out_dir,
+        "data": data_spec(cfg, dataset).__dict__,
+        "recipe": recipe(cfg, dataset, arch).__dict__,
+        "distill": distill,
+        "anchor_iterations": anchor_iterations(cfg, dataset, arch) if method is None else [],
+        "tags": {"dataset": dataset, "student": arch, "seed": seed,
+                 "method": method or "pretrain", **(tags or {})},
+    }
+    return from_dict(TrainSpec, spec)

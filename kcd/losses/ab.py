@@ -1,0 +1,71 @@
+"""AB: Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+Hidden Neurons" (AAAI 2019).
+
+The student learns where the teacher's neurons switch on: a trainable connector (1x1
+convolution + batch norm, student -> teacher channels) maps the student's *pre-ReLU* feature
+to ``c``, and with the teacher's pre-ReLU feature ``t`` and margin ``m`` each element costs
+
+    (c + m)^2 * 1[c > -m and t <= 0]  +  (c - m)^2 * 1[c <= m and t > 0],
+
+the hinge-squared form of the activation-transfer loss. As in the authors' reference code
+the elements are summed and divided by ``batch size * 1000``; pairs are summed. The loss is
+``weight * that`` (Section 4.1: weight 10). Which tensor is pre-ReLU is the feature
+extractor's business: this loss uses the features it is given.
+
+AB first trains the student's layers and the connectors with this loss alone (the
+"initialization" iterations), then trains normally; :meth:`ABLoss.initialization_loss` gives
+the unweighted loss for that first stage. With a transform the target is ``T(F^T)`` and the
+connector maps to the transform's ``c_s`` channels.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import Tensor, nn
+
+from kcd.losses.base import DistillationLoss, DistillBatch, connector, require_positive
+
+REFERENCE_SCALE = 1000.0
+"""The authors' code divides the summed margin loss by batch size and by this constant."""
+
+
+class ABLoss(DistillationLoss):
+    """Activation-boundary transfer with a margin; one term, ``ab``."""
+
+    method = "ab"
+
+    def __init__(
+        self,
+        weight: float,
+        student_channels: Sequence[int],
+        teacher_channels: Sequence[int],
+        transforms: Sequence[nn.Module | None] | None = None,
+        *,
+        margin: float = 1.0,
+    ) -> None:
+        super().__init__(weight, student_channels, teacher_channels, transforms)
+        require_positive(self.method, "margin", margin)
+        self.margin = float(margin)
+        self.connectors = nn.ModuleList(
+            connector(s, t) for s, t in zip(self.student_channels, self.target_channels)
+        )
+
+    def margin_loss(self, batch: DistillBatch) -> Tensor:
+        """The unweighted activation-boundary loss of a validated batch, summed over pairs."""
+        m = self.margin
+        total = 0.0
+        for conn, (s, t) in zip(self.connectors, self.feature_pairs(batch)):
+            c = conn(s)
+            below = (c + m).pow(2) * ((c > -m) & (t <= 0))
+            above = (c - m).pow(2) * ((c <= m) & (t > 0))
+            per_element = below + above
+            total = total + per_element.sum() / (len(s) * REFERENCE_SCALE)
+        return total
+
+    def terms(self, batch: DistillBatch) -> dict[str, Tensor]:
+        return {"ab": self.weight * self.margin_loss(batch)}
+
+    def initialization_loss(self, batch: DistillBatch) -> dict[str, Tensor]:
+        """The loss of AB's initialization stage, to be used alone (no cross-entropy, no weight)."""
+        self.validate(batch)
+        return {"ab_init": self.margin_loss(batch)}

@@ -1,0 +1,130 @@
+"""Run specifications: what one job of Algorithm 1 does, as plain data.
+
+A spec is built from the config by :mod:`kcd.config` (or by hand in a notebook), travels to
+the job as JSON, and is turned back into these dataclasses by :func:`from_dict`, which
+rejects unknown keys by name. The engines take specs; they never read the config file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from kcd.errors import KcdError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataSpec:
+    """Where a dataset lives and how to read it."""
+
+    name: str
+    root: str
+    image_size: int | None = None  # imagenet/coco; CIFAR is always 32
+    fast_loader: bool = True  # tensor-resident batches when the split fits in memory
+    workers: int = 0  # DataLoader workers for the standard (PIL) path
+    eval_limit: int | None = None  # evaluate on the first N evaluation images only
+
+
+@dataclass
+class Recipe:
+    """Iteration-based SGD (Section 4.1 expresses every schedule in iterations)."""
+
+    iterations: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    nesterov: bool = False
+    checkpoint_every: int = 0  # 0: every iterations // 10
+    log_every: int = 20
+    eval_batch_size: int = 256
+    channels_last: bool = True
+
+
+@dataclass
+class LayerPair:
+    """One (teacher layer, student layer) pair of Eq. 2 with its weight alpha."""
+
+    teacher: str
+    student: str
+    weight: float = 1.0
+
+
+@dataclass
+class DistillSpec:
+    """The distillation part of a run (absent for pre-training)."""
+
+    method: str  # a kcd.losses name, or "baseline" (cross-entropy only)
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    weight: float | None = None  # None: the method's paper default
+    options: dict[str, Any] = field(default_factory=dict)
+    layers: list[LayerPair] = field(default_factory=list)  # empty: the models' defaults
+    pre_relu: bool = False  # tap the pairs before the stage's last ReLU (AB)
+    transforms: list[str | None] = field(default_factory=list)  # one file per pair, or None
+    anchors: list[str] = field(default_factory=list)  # RCO: teacher anchor weights, route order
+    init_iterations: int = 0  # AB: iterations of the initialisation stage
+    dynamic_every: int = 0  # Table 5: recompute the transform every E iterations (0: static)
+    dynamic_metric: str = "correlation"
+    dynamic_strategy: str = "bipartite"
+
+
+@dataclass
+class TrainSpec:
+    """One training job: pre-training (``distill`` is None) or a distillation run."""
+
+    arch: str
+    seed: int
+    num_classes: int
+    theta0: str
+    out_dir: str
+    data: DataSpec
+    recipe: Recipe
+    distill: DistillSpec | None = None
+    anchor_iterations: list[int] = field(default_factory=list)  # pre-training: RCO anchors
+    tags: dict[str, Any] = field(default_factory=dict)  # identity: dataset, teacher, method...
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass ``cls`` from nested dicts, naming any unknown or missing key."""
+    where = where or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise KcdError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise KcdError(f"unknown key {where}.{unknown[0]}; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KcdError(f"missing key {where}.{name}")
+            continue
+        value = data[name]
+        sub = _NESTED.get((cls.__name__, name))
+        if sub is not None and value is not None:
+            if isinstance(value, list):
+                value = [from_dict(sub, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
+            else:
+                value = from_dict(sub, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(spec: Any) -> dict:
+    """The JSON-ready form of a spec (inverse of :func:`from_dict`)."""
+    return dataclasses.asdict(spec)
+
+
+_NESTED = {
+    ("TrainSpec", "data"): DataSpec,
+    ("TrainSpec", "recipe"): Recipe,
+    ("TrainSpec", "distill"): DistillSpec,
+    ("DistillSpec", "layers"): LayerPair,
+}

@@ -1,0 +1,202 @@
+"""Consistency statistics and channel transforms (Algorithm 1, steps 4-5).
+
+:func:`compute_statistics` makes one pass over the training images (evaluation transforms,
+no augmentation) through a teacher and a student, pools the distilled layer's feature maps and
+accumulates the sufficient statistics of every requested metric at once, globally and, for
+Table 6, per group of classes. :func:`make_transform` turns a statistics file into a channel
+transform file for a (strategy, metric); :func:`learn_transform` fits the learned sub-network
+strategies, which need the feature maps themselves.
+
+Memory: each accumulator holds a few c_T x c_S float64 matrices, independent of the number of
+images; per-class statistics for K groups hold K of them (K x c_T x c_S x 8 bytes per matrix).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from kcd.checkpoint import atomic_save, load_file
+from kcd.consistency import ConsistencyStatistics
+from kcd.data.streams import eval_batches
+from kcd.errors import KcdError
+from kcd.features import FeatureTap, global_avg_pool
+from kcd.specs import DataSpec
+from kcd.train import load_model
+from kcd.transforms import (
+    PerClassTransform,
+    build_transform,
+    fit_learned_transform,
+    label_groups,
+    save_transform,
+)
+
+LEARNED = ("subnet-fc", "subnet-res")
+
+
+def _models(teacher: str, teacher_weights: str, student: str, student_weights: str,
+            num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    t = load_model(teacher, teacher_weights, num_classes, "teacher weights").to(device).eval()
+    s = load_model(student, student_weights, num_classes, "student weights").to(device).eval()
+    return t, s
+
+
+def _feature_pairs(
+    teacher: nn.Module, student: nn.Module, layers: tuple[str, str], data: DataSpec,
+    batch_size: int, device: torch.device, split: str = "train", progress: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield (teacher map, student map, labels) for every batch of ``split``."""
+    with FeatureTap(teacher, [layers[0]]) as tt, FeatureTap(student, [layers[1]]) as st:
+        for x, y in tqdm(eval_batches(data, batch_size, split=split), desc="features",
+                         disable=not progress, leave=False):
+            x = x.to(device)
+            with torch.no_grad():
+                teacher(x)
+                student(x)
+            yield tt.features[layers[0]], st.features[layers[1]], y
+
+
+def compute_statistics(
+    *,
+    teacher: str,
+    teacher_weights: str,
+    student: str,
+    student_weights: str,
+    layers: tuple[str, str],
+    data: DataSpec,
+    num_classes: int,
+    out: str | os.PathLike,
+    metrics: Sequence[str],
+    groups: Sequence[int] = (),
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict:
+    """One pass over the training set; writes the statistics file and returns a summary."""
+    for k in groups:
+        if not 1 <= k <= num_classes:
+            raise KcdError(f"groups K={k} must be between 1 and the class count {num_classes}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t, s = _models(teacher, teacher_weights, student, student_weights, num_classes, device)
+    stats: ConsistencyStatistics | None = None
+    per_group: dict[int, list[ConsistencyStatistics]] = {}
+    for ft, fs, y in _feature_pairs(t, s, layers, data, batch_size, device, progress=progress):
+        pt, ps = global_avg_pool(ft).float().cpu(), global_avg_pool(fs).float().cpu()
+        if stats is None:
+            stats = ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))
+            per_group = {k: [ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))
+                             for _ in range(k)] for k in groups if k > 1}
+        stats.update(pt, ps)
+        for k, accs in per_group.items():
+            g = label_groups(y, k, num_classes)
+            for gi in g.unique().tolist():
+                sel = g == gi
+                accs[gi].update(pt[sel], ps[sel])
+    if stats is None:
+        raise KcdError(f"the training split of {data.name} at {data.root} is empty")
+    atomic_save(
+        {
+            "kind": "kcd-statistics",
+            "teacher": teacher,
+            "student": student,
+            "layers": list(layers),
+            "num_classes": num_classes,
+            "global": stats.state_dict(),
+            "groups": {str(k): [a.state_dict() for a in accs] for k, accs in per_group.items()},
+        },
+        out,
+    )
+    return {"samples": stats.n, "c_t": stats.c_t, "c_s": stats.c_s, "groups": sorted(per_group)}
+
+
+def _load_statistics(path: str | os.PathLike) -> dict:
+    obj = load_file(path, "statistics")
+    if not isinstance(obj, dict) or obj.get("kind") != "kcd-statistics":
+        raise KcdError(f"{path} is not a kcd statistics file; run `kcd statistics` to make one")
+    return obj
+
+
+def _accumulator(state: dict) -> ConsistencyStatistics:
+    acc = ConsistencyStatistics(int(state["c_t"]), int(state["c_s"]), metrics=list(state["metrics"]))
+    acc.load_state_dict(state)
+    return acc
+
+
+def make_transform(
+    stats_path: str | os.PathLike,
+    strategy: str,
+    metric: str,
+    out: str | os.PathLike,
+    *,
+    groups: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Write the channel transform of (strategy, metric) from a statistics file.
+
+    ``groups`` > 1 builds Table 6's per-class transforms: one per equal group of labels.
+    Returns the transform's metadata (including Γ before and after).
+    """
+    if strategy in LEARNED:
+        raise KcdError(f"strategy '{strategy}' is learned from features; use learn_transform")
+    obj = _load_statistics(stats_path)
+    meta = {"teacher": obj["teacher"], "student": obj["student"], "layer": obj["layers"][1],
+            "teacher_layer": obj["layers"][0], "metric": metric, "strategy": strategy,
+            "groups": groups}
+    if groups <= 1:
+        m = _accumulator(obj["global"]).matrix(metric)
+        t = build_transform(m, strategy, seed=seed, meta=meta)
+    else:
+        states = obj["groups"].get(str(groups))
+        if states is None:
+            raise KcdError(f"{stats_path} has no statistics for K={groups} groups; "
+                           f"it has K in {sorted(obj['groups']) or 'none'}")
+        parts = [build_transform(_accumulator(st).matrix(metric), strategy, seed=seed + i,
+                                 meta=dict(meta, group=i)) for i, st in enumerate(states)]
+        t = PerClassTransform(parts, obj["num_classes"])
+        t.meta = dict(meta, gamma_after=sum(p.meta["gamma_after"] for p in parts) / len(parts),
+                      gamma_before=_mean_or_none([p.meta.get("gamma_before") for p in parts]))
+    save_transform(t, out)
+    return dict(t.meta)
+
+
+def learn_transform(
+    *,
+    strategy: str,
+    metric: str,
+    teacher: str,
+    teacher_weights: str,
+    student: str,
+    student_weights: str,
+    layers: tuple[str, str],
+    data: DataSpec,
+    num_classes: int,
+    out: str | os.PathLike,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fit a learned transform (Sub-net-FC / Sub-net-Res, Section 3.3) and write it."""
+    if strategy not in LEARNED:
+        raise KcdError(f"learn_transform is for {', '.join(LEARNED)}; got '{strategy}'")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t, s = _models(teacher, teacher_weights, student, student_weights, num_classes, device)
+
+    def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            for ft, fs, _ in _feature_pairs(t, s, layers, data, batch_size, device):
+                yield ft.detach().float(), fs.detach().float()
+
+    module = fit_learned_transform(strategy, pairs(), metric=metric, steps=steps, lr=lr, seed=seed)
+    module.meta.update({"teacher": teacher, "student": student, "layer": layers[1],
+                        "teacher_layer": layers[0], "metric": metric, "strategy": strategy})
+    save_transform(module.cpu(), out)
+    return dict(module.meta)
+
+
+def _mean_or_none(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None

@@ -1,0 +1,455 @@
+"""The training engine: theta0, pre-training and distillation runs (Algorithm 1, steps 1-3, 6-7).
+
+One loop serves both: pre-training is a run without a :class:`~kcd.specs.DistillSpec`;
+``method: baseline`` is the same loop with cross-entropy only. A run:
+
+- starts from the theta0 file of its (architecture, seed) -- never from fresh weights;
+- is iteration-based SGD with a multi-step schedule (Section 4.1's recipes as written);
+- writes an atomic checkpoint (model, optimizer, scheduler, loss modules, data stream and every
+  RNG state) every ``checkpoint_every`` iterations, and a rerun of the same command resumes
+  from it, ending bit-identical to an uninterrupted run on the CPU;
+- stops on a NaN/inf loss with an error naming the iteration and the loss term;
+- runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks);
+- ends with ``final.pt`` and ``result.json`` (written last: its presence means done).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from kcd.checkpoint import (
+    atomic_save,
+    atomic_write_json,
+    load_file,
+    load_model_weights,
+    rng_state,
+    set_rng_state,
+)
+from kcd.consistency import ConsistencyStatistics
+from kcd.data.streams import eval_batches, train_stream
+from kcd.errors import KcdError
+from kcd.evaluate import evaluate
+from kcd.features import FeatureTap, feature_shapes, global_avg_pool
+from kcd.losses import LOSSES, DistillBatch, build_loss
+from kcd.losses.rco import AnchorSchedule
+from kcd.models import build_model, model_spec
+from kcd.specs import DistillSpec, LayerPair, TrainSpec, to_dict
+from kcd.transforms import ChannelTransform, load_transform, match
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.pt"
+RESULT = "result.json"
+
+
+class Tracker(Protocol):
+    """What the engine needs from experiment tracking (see :mod:`kcd.tracking`)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class _NullTracker:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------- theta0
+
+
+def init_weights(arch: str, seed: int, num_classes: int, path: str | os.PathLike) -> Path:
+    """Write theta0 of ``arch`` for ``seed``: the weights every run of this student starts from."""
+    torch.manual_seed(seed)
+    model = build_model(arch, num_classes)
+    return atomic_save(
+        {"arch": arch, "seed": seed, "num_classes": num_classes, "state_dict": model.state_dict()},
+        path,
+    )
+
+
+def load_model(arch: str, path: str | os.PathLike, num_classes: int, what: str) -> nn.Module:
+    """Build ``arch`` and load a kcd model file into it, checking architecture and classes."""
+    obj = load_model_weights(path, arch, what)
+    if obj.get("num_classes", num_classes) != num_classes:
+        raise KcdError(
+            f"{what} {path} has {obj['num_classes']} classes but the dataset has {num_classes}"
+        )
+    model = build_model(arch, num_classes)
+    model.load_state_dict(obj["state_dict"])
+    return model
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size), initialising torch.distributed when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Distillation:
+    """Teacher, taps, transforms and loss modules of one distillation run."""
+
+    def __init__(self, spec: TrainSpec, student: nn.Module, device: torch.device) -> None:
+        d: DistillSpec = spec.distill  # type: ignore[assignment]
+        self.spec = d
+        self.method = d.method
+        self.teacher = None
+        self.losses = nn.ModuleList()
+        self.pairs: list[tuple[str, str, float]] = []
+        self.transforms: list[nn.Module | None] = []
+        self.schedule: AnchorSchedule | None = None
+        self.anchor_index = -1
+        self.dynamic: list[ConsistencyStatistics | None] = []
+        if d.method == "baseline":
+            return
+        method = LOSSES.get(d.method)
+        if not d.teacher or not d.teacher_weights:
+            raise KcdError(f"method '{d.method}' needs distill.teacher and distill.teacher_weights")
+        self.teacher = load_model(d.teacher, d.teacher_weights, spec.num_classes, "teacher weights")
+        self.teacher.to(device).eval().requires_grad_(False)
+        if d.anchors:
+            self.schedule = AnchorSchedule(len(d.anchors), spec.recipe.iterations)
+        if not method.uses_features:
+            self.losses.append(build_loss(d.method, [], [], None, weight=d.weight, **d.options))
+            return
+        layers = d.layers or [
+            LayerPair(model_spec(d.teacher).default_layer, model_spec(spec.arch).default_layer)
+        ]
+        suffix = ":pre_relu" if d.pre_relu else ""
+        for p in layers:
+            t_layer = p.teacher if p.teacher.endswith(":pre_relu") else p.teacher + suffix
+            s_layer = p.student if p.student.endswith(":pre_relu") else p.student + suffix
+            self.pairs.append((t_layer, s_layer, p.weight))
+        size = _input_size(spec)
+        s_shapes = feature_shapes(student, [s for _, s, _ in self.pairs], size)
+        t_shapes = feature_shapes(self.teacher, [t for t, _, _ in self.pairs], size)
+        paths = d.transforms or [None] * len(self.pairs)
+        if len(paths) != len(self.pairs):
+            raise KcdError(
+                f"distill.transforms has {len(paths)} entries for {len(self.pairs)} layer pairs"
+            )
+        base_weight = d.weight if d.weight is not None else method.default_weight
+        for (t_layer, s_layer, alpha), path in zip(self.pairs, paths):
+            c_t, c_s = t_shapes[t_layer][0], s_shapes[s_layer][0]
+            transform = None
+            if path:
+                transform = load_transform(path)
+                _check_transform(transform, path, spec.arch, s_layer, c_t, c_s)
+                transform.to(device).eval().requires_grad_(False)
+            self.transforms.append(transform)
+            self.losses.append(
+                build_loss(d.method, [c_s], [c_t], [transform], weight=base_weight * alpha,
+                           **d.options)
+            )
+            dyn = None
+            if d.dynamic_every > 0:
+                if not isinstance(transform, ChannelTransform):
+                    raise KcdError("distill.dynamic_every needs a channel transform file per pair")
+                dyn = ConsistencyStatistics(c_t, c_s, metrics=[d.dynamic_metric])
+            self.dynamic.append(dyn)
+        self.losses.to(device)
+
+    @property
+    def uses_features(self) -> bool:
+        return bool(self.pairs)
+
+    def set_anchor(self, iteration: int, device: torch.device, num_classes: int) -> None:
+        """Load the RCO anchor that the route prescribes at ``iteration``."""
+        if self.schedule is None:
+            return
+        index = self.schedule.index(iteration)
+        if index != self.anchor_index:
+            obj = load_model_weights(self.spec.anchors[index], self.spec.teacher, "RCO anchor")
+            self.teacher.load_state_dict(obj["state_dict"])
+            self.teacher.to(device).eval()
+            self.anchor_index = index
+
+    def record(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> None:
+        for stats, ft, fs in zip(self.dynamic, t_feats, s_feats):
+            if stats is not None:
+                stats.update(global_avg_pool(ft).detach().float().cpu(),
+                             global_avg_pool(fs).detach().float().cpu())
+
+    def refresh_transforms(self) -> None:
+        """Dynamic transform (Table 5): rematch from the recorded features, then reset."""
+        for i, stats in enumerate(self.dynamic):
+            if stats is None or stats.n < 2:
+                continue
+            new = match(stats.matrix(self.spec.dynamic_metric), self.spec.dynamic_strategy)
+            self.transforms[i].index.copy_(new.to(self.transforms[i].index.device))
+            self.dynamic[i] = ConsistencyStatistics(stats.c_t, stats.c_s,
+                                                    metrics=[self.spec.dynamic_metric])
+
+    def state_dict(self) -> dict:
+        return {
+            "losses": self.losses.state_dict(),
+            "transform_index": [t.index.clone() if isinstance(t, ChannelTransform) else None
+                                for t in self.transforms],
+            "dynamic": [s.state_dict() if s is not None else None for s in self.dynamic],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses.load_state_dict(state["losses"])
+        for t, idx in zip(self.transforms, state["transform_index"]):
+            if idx is not None:
+                t.index.copy_(idx)
+        for s, st in zip(self.dynamic, state["dynamic"]):
+            if s is not None:
+                s.load_state_dict(st)
+
+
+def _input_size(spec: TrainSpec) -> int:
+    return spec.data.image_size or model_spec(spec.arch).input_size
+
+
+def _check_transform(t: nn.Module, path: str, arch: str, layer: str, c_t: int, c_s: int) -> None:
+    meta = getattr(t, "meta", {}) or {}
+    student = meta.get("student")
+    if student and student != arch:
+        raise KcdError(f"transform {path} was made for student {student}, not {arch}")
+    if t.c_t != c_t or t.c_s != c_s:
+        raise KcdError(
+            f"transform {path} maps {t.c_t}->{t.c_s} channels but the pair at student layer "
+            f"{layer} needs {c_t}->{c_s}"
+        )
+
+
+def _checkpoint_every(spec: TrainSpec) -> int:
+    return spec.recipe.checkpoint_every or max(1, spec.recipe.iterations // 10)
+
+
+def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True) -> dict:
+    """Run (or resume) one training job and return its result (also in ``result.json``)."""
+    tracker = tracker or _NullTracker()
+    out = Path(spec.out_dir)
+    r = spec.recipe
+    if r.iterations < 1 or r.batch_size < 1 or not r.lr > 0:
+        raise KcdError("recipe needs iterations >= 1, batch_size >= 1 and lr > 0")
+    rank, local_rank, world = _distributed()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if r.batch_size % world:
+        raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} processes")
+
+    torch.manual_seed(spec.seed)
+    student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
+    distill = _Distillation(spec, student, device) if spec.distill else None
+    student.to(device)
+    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+    student.to(memory_format=memory_format)
+    if distill is not None and distill.teacher is not None:
+        distill.teacher.to(memory_format=memory_format)
+
+    model: nn.Module = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[local_rank] if device.type == "cuda" else None
+        )
+    params = list(student.parameters())
+    if distill is not None:
+        params += [p for p in distill.losses.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
+                                weight_decay=r.weight_decay, nesterov=r.nesterov)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, r.milestones, gamma=r.gamma)
+    init_iters = spec.distill.init_iterations if spec.distill else 0
+    init_optimizer = None
+    if init_iters:
+        ab = distill.losses[0] if distill and len(distill.losses) else None
+        if ab is None or not hasattr(ab, "initialization_loss"):
+            raise KcdError(f"distill.init_iterations is only for methods with an "
+                           f"initialisation stage (ab), not '{spec.distill.method}'")
+        init_optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
+                                         weight_decay=r.weight_decay)
+    stream = train_stream(spec.data, r.batch_size // world, seed=spec.seed, rank=rank,
+                          world_size=world, channels_last=r.channels_last)
+    total_steps = init_iters + r.iterations
+
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists():
+        state = load_file(ckpt_path, "checkpoint")
+        if state.get("arch") != spec.arch or state.get("total_steps") != total_steps:
+            raise KcdError(f"checkpoint {ckpt_path} belongs to another run; delete it to restart")
+        student.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if init_optimizer is not None:
+            init_optimizer.load_state_dict(state["init_optimizer"])
+        if distill is not None:
+            distill.load_state_dict(state["distill"])
+        stream.load_state_dict(state["stream"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+
+    taps = ExitStack()
+    s_tap = t_tap = None
+    if distill is not None and distill.uses_features:
+        s_tap = taps.enter_context(FeatureTap(student, [s for _, s, _ in distill.pairs]))
+        t_tap = taps.enter_context(FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
+
+    every = _checkpoint_every(spec)
+    anchors = set(spec.anchor_iterations)
+    logged: dict[str, float] = {}
+    n_logged = 0
+    started = time.time()
+    bar = tqdm(total=total_steps, initial=step, desc=f"{spec.arch} {spec.tags.get('method', '')}",
+               disable=not progress or rank != 0, mininterval=1.0 if _tty() else 30.0)
+    model.train()
+    batches = stream.iterate_forever()
+    with taps:
+        while step < total_steps:
+            in_init = step < init_iters
+            it = step - init_iters  # the main-phase iteration (negative during AB's init stage)
+            if distill is not None and not in_init:
+                distill.set_anchor(it, device, spec.num_classes)
+            x, y = next(batches)
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            logits = model(x)
+            terms: dict[str, torch.Tensor] = {}
+            if not in_init:
+                terms["ce"] = F.cross_entropy(logits, y)
+            if distill is not None and distill.teacher is not None:
+                with torch.no_grad():
+                    t_logits = distill.teacher(x)
+                s_feats = [s_tap.features[s] for _, s, _ in distill.pairs] if s_tap else []
+                t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
+                terms.update(_loss_terms(distill, y, logits, t_logits, s_feats, t_feats, in_init))
+                if not in_init and distill.dynamic and any(distill.dynamic):
+                    distill.record(t_feats, s_feats)
+            loss = sum(terms.values())
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+                raise KcdError(
+                    f"loss term '{bad[0]}' is {terms.get(bad[0], loss).item()} at iteration "
+                    f"{it}; lower the learning rate or the method's weight"
+                )
+            opt = init_optimizer if in_init else optimizer
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not in_init:
+                scheduler.step()
+            step += 1
+            bar.update(1)
+            for k, v in terms.items():
+                logged[k] = logged.get(k, 0.0) + v.detach().item()
+            n_logged += 1
+            if n_logged >= r.log_every or step == total_steps:
+                metrics = {f"train/{k}": v / n_logged for k, v in logged.items()}
+                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                if rank == 0:
+                    tracker.log_metrics(metrics, step)
+                bar.set_postfix(loss=f"{sum(logged.values()) / n_logged:.3f}")
+                logged, n_logged = {}, 0
+            if (distill is not None and spec.distill.dynamic_every and not in_init
+                    and (it + 1) % spec.distill.dynamic_every == 0):
+                distill.refresh_transforms()
+            if rank == 0 and not in_init and (it + 1) in anchors:
+                _save_model(student, spec, out / "anchors" / f"iter-{it + 1}.pt", it + 1)
+            if rank == 0 and step % every == 0 and step < total_steps:
+                atomic_save(
+                    {
+                        "arch": spec.arch,
+                        "total_steps": total_steps,
+                        "step": step,
+                        "model": student.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "init_optimizer": init_optimizer.state_dict() if init_optimizer else None,
+                        "distill": distill.state_dict() if distill is not None else None,
+                        "stream": stream.state_dict(),
+                        "rng": rng_state(),
+                    },
+                    ckpt_path,
+                )
+    bar.close()
+    train_seconds = time.time() - started
+    if rank != 0:
+        return {}
+    _save_model(student, spec, out / FINAL, r.iterations)
+    result = evaluate(
+        student,
+        eval_batches(spec.data, r.eval_batch_size),
+        teacher=distill.teacher if distill is not None else None,
+        layers=[(t, s) for t, s, _ in distill.pairs] if distill is not None else (),
+        transforms=distill.transforms if distill is not None else (),
+        device=device,
+        channels_last=r.channels_last,
+        progress=progress,
+    )
+    result.update(
+        iterations=r.iterations,
+        train_seconds=round(train_seconds, 2),
+        arch=spec.arch,
+        seed=spec.seed,
+        tags=spec.tags,
+        spec=to_dict(spec),
+    )
+    tracker.log_metrics({f"eval/{k}": v for k, v in result.items()
+                         if isinstance(v, (int, float)) and v is not None}, r.iterations)
+    atomic_write_json(result, out / RESULT)
+    if ckpt_path.exists():
+        ckpt_path.unlink()
+    return result
+
+
+def _loss_terms(
+    distill: _Distillation,
+    labels: torch.Tensor,
+    logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    s_feats: list[torch.Tensor],
+    t_feats: list[torch.Tensor],
+    in_init: bool,
+) -> dict[str, torch.Tensor]:
+    """Named, weighted distillation terms of every loss module (one module per layer pair)."""
+    terms: dict[str, torch.Tensor] = {}
+    multi = len(distill.losses) > 1
+    for i, module in enumerate(distill.losses):
+        batch = DistillBatch(
+            labels=labels,
+            student_logits=logits,
+            teacher_logits=t_logits,
+            student_features=[s_feats[i]] if distill.uses_features else [],
+            teacher_features=[t_feats[i]] if distill.uses_features else [],
+        )
+        got = module.initialization_loss(batch) if in_init else module(batch)
+        for k, v in got.items():
+            terms[f"{k}/{i}" if multi else k] = v
+    return terms
+
+
+def _save_model(model: nn.Module, spec: TrainSpec, path: Path, iterations: int) -> None:
+    atomic_save(
+        {
+            "arch": spec.arch,
+            "seed": spec.seed,
+            "num_classes": spec.num_classes,
+            "iterations": iterations,
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        },
+        path,
+    )
+
+
+def _tty() -> bool:
+    return sys.stderr.isatty()

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny demo data (written once per session) and a tiny pipeline config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """Tiny demo CIFAR-100 and ImageFolder data in the real formats."""
+    from kcd.data.demo import DemoSizes, write_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root, seed=0, kinds=("cifar100", "imagenet"), sizes=DemoSizes.tiny(),
+                    progress=False)
+    return root
+
+
+def tiny_config(demo_root: Path, results: Path, **recipe) -> dict:
+    """The demo config shrunk to a few iterations on the tiny demo data."""
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["results"] = str(results)
+    cfg["datasets"]["cifar100"]["root"] = str(demo_root)
+    cfg["datasets"]["imagenet"]["root"] = str(demo_root / "imagenet")
+    cfg["datasets"]["imagenet"]["num_classes"] = 3
+    r = {"iterations": 6, "batch_size": 16, "lr": 0.05, "milestones": [4],
+         "checkpoint_every": 2, "log_every": 2, "eval_batch_size": 64}
+    r.update(recipe)
+    cfg["recipes"] = {"cifar100": {"default": dict(r)}, "imagenet": {"default": dict(r)}}
+    cfg["methods"]["ab"]["init_iterations"] = 2
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(demo_root, tmp_path) -> tuple[dict, Path]:
+    """(config dict, path of the same config written as YAML) in a fresh results folder."""
+    cfg = tiny_config(demo_root, tmp_path / "results")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg, path

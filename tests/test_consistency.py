@@ -1,0 +1,275 @@
+"""Consistency matrices: direct and streaming computation against an independent numpy reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+from scipy.spatial.distance import cdist
+
+from kcd.consistency import (
+    EPS,
+    METRICS,
+    ConsistencyStatistics,
+    consistency_matrix,
+    diagonal_consistency,
+    gamma,
+)
+from kcd.errors import KcdError
+
+N, C_T, C_S = 60, 6, 5
+
+
+def reference(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:
+    """M (c_T x c_S) in float64 numpy/scipy, written independently of kcd."""
+    c_t = a.shape[1]
+    if metric == "l1":
+        return 1.0 / (cdist(a.T, b.T, "cityblock") + EPS)
+    if metric == "l2":
+        return 1.0 / (cdist(a.T, b.T, "euclidean") + EPS)
+    if metric == "correlation":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            corr = np.corrcoef(a.T, b.T)[:c_t, c_t:]
+        return np.nan_to_num(corr, nan=0.0)
+    if metric == "cosine":
+        return 1.0 - cdist(a.T, b.T, "cosine")
+    if metric == "kl":
+        p = scipy.special.softmax(a, axis=0)
+        q = scipy.special.softmax(b, axis=0)
+        kl = scipy.special.rel_entr(p[:, :, None], q[:, None, :]).sum(axis=0)
+        return 1.0 / (kl + EPS)
+    raise AssertionError(metric)
+
+
+def assert_matches(got: torch.Tensor, ref: np.ndarray, metric: str) -> None:
+    """Within 1e-6: relative for the inverse distances, absolute for the bounded scores."""
+    assert got.dtype == torch.float64
+    atol = 1e-6 if metric in ("correlation", "cosine") else 0.0
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=atol)
+
+
+def features(mean: float = 0.0, std: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(mean, std, size=(N, C_T))
+    b = 0.5 * a[:, :C_S] + rng.normal(mean, std, size=(N, C_S))  # some real correlation
+    return a, b
+
+
+def stream(a: np.ndarray, b: np.ndarray, sizes: list[int], metrics=METRICS):
+    stats = ConsistencyStatistics(a.shape[1], b.shape[1], metrics)
+    start = 0
+    for size in sizes:
+        batch = slice(start, start + size)
+        stats.update(torch.from_numpy(a[batch]), torch.from_numpy(b[batch]))
+        start += size
+    assert start == len(a) and stats.n == len(a)
+    return stats
+
+
+SPLITS = {"one batch": [N], "size 1": [1] * N, "uneven": [7] * 8 + [4]}
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_direct_matches_reference(metric):
+    a, b = features()
+    assert_matches(consistency_matrix(torch.from_numpy(a), torch.from_numpy(b), metric),
+                   reference(a, b, metric), metric)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_streaming_matches_reference_for_every_metric(split):
+    a, b = features(seed=1)
+    stats = stream(a, b, SPLITS[split])
+    for metric in METRICS:
+        assert_matches(stats.matrix(metric), reference(a, b, metric), metric)
+
+
+@pytest.mark.parametrize("split", ["one batch", "uneven"])
+def test_streaming_is_stable_when_mean_dominates_std(split):
+    a, b = features(mean=50.0, std=1.0, seed=2)
+    stats = stream(a, b, SPLITS[split])
+    for metric in METRICS:
+        assert_matches(stats.matrix(metric), reference(a, b, metric), metric)
+
+
+def test_streaming_from_float32_features():
+    a, b = features(seed=3)
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    stats = ConsistencyStatistics(C_T, C_S)
+    stats.update(torch.from_numpy(a32), torch.from_numpy(b32))
+    a64, b64 = a32.astype(np.float64), b32.astype(np.float64)
+    for metric in METRICS:
+        assert_matches(stats.matrix(metric), reference(a64, b64, metric), metric)
+
+
+def test_save_load_roundtrip_and_resume(tmp_path):
+    a, b = features(seed=4)
+    stats = stream(a[:30], b[:30], [13, 17])
+    path = tmp_path / "stats" / "layer.pt"
+    stats.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["layer.pt"]  # no temporary file left
+    raw = torch.load(path, weights_only=True)
+    assert raw["n"] == 30 and raw["metrics"] == list(METRICS)
+    loaded = ConsistencyStatistics.load(path)
+    for metric in METRICS:
+        assert torch.equal(loaded.matrix(metric), stats.matrix(metric))
+    loaded.update(torch.from_numpy(a[30:]), torch.from_numpy(b[30:]))
+    for metric in METRICS:
+        assert_matches(loaded.matrix(metric), reference(a, b, metric), metric)
+
+
+@pytest.mark.parametrize("mean", [0.0, 50.0])
+def test_merge_of_disjoint_batches_equals_all(mean):
+    a, b = features(mean=mean, seed=5)
+    first = stream(a[:25], b[:25], [10, 15])
+    second = stream(a[25:] + 3.0, b[25:] - 2.0, [35])  # other shifts than `first`
+    second_data = (a[25:] + 3.0, b[25:] - 2.0)
+    first.merge(second)
+    a_all = np.concatenate([a[:25], second_data[0]])
+    b_all = np.concatenate([b[:25], second_data[1]])
+    assert first.n == N
+    for metric in METRICS:
+        assert_matches(first.matrix(metric), reference(a_all, b_all, metric), metric)
+
+
+def test_merge_into_empty_and_of_empty():
+    a, b = features(seed=6)
+    full = stream(a, b, [N])
+    empty = ConsistencyStatistics(C_T, C_S)
+    empty.merge(full)
+    full.merge(ConsistencyStatistics(C_T, C_S))
+    for metric in METRICS:
+        assert torch.equal(empty.matrix(metric), full.matrix(metric))
+
+
+def test_only_requested_metrics_are_accumulated():
+    a, b = features(seed=7)
+    stats = stream(a, b, [N], metrics=["correlation"])
+    assert_matches(stats.matrix("correlation"), reference(a, b, "correlation"), "correlation")
+    with pytest.raises(KcdError, match="'l1' was not accumulated.*correlation"):
+        stats.matrix("l1")
+    assert set(stats.state_dict()["tensors"]) == {"shift_t", "shift_s", "sum_t", "sum_s", "sq_t",
+                                                  "sq_s", "cross"}
+
+
+def test_constant_channel_has_zero_correlation():
+    a, b = features(seed=8)
+    a[:, 2] = 0.1  # a float mean of 0.1s is not exactly 0.1
+    b[:, 0] = 0.0
+    direct = consistency_matrix(torch.from_numpy(a), torch.from_numpy(b), "correlation")
+    streamed = stream(a, b, [7] * 8 + [4]).matrix("correlation")
+    for m in (direct, streamed):
+        assert torch.all(m[2] == 0) and torch.all(m[:, 0] == 0)
+        assert_matches(m, reference(a, b, "correlation"), "correlation")
+    cosine = stream(a, b, [N]).matrix("cosine")
+    assert torch.all(cosine[:, 0] == 0)
+
+
+def test_identical_channels_score_inverse_eps():
+    x = torch.randn(20, 3, dtype=torch.float64)
+    for metric in ("l1", "l2", "kl"):
+        assert torch.allclose(consistency_matrix(x, x, metric).diagonal(),
+                              torch.full((3,), 1 / EPS, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_diagonal_consistency_is_the_matrix_diagonal_and_differentiable(metric):
+    t = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(30, 4, dtype=torch.float64)
+    diag = diagonal_consistency(t, s, metric)
+    assert torch.allclose(diag, consistency_matrix(t.detach(), s, metric).diagonal())
+    diag.sum().backward()
+    assert torch.isfinite(t.grad).all()
+
+
+def test_diagonal_consistency_gradient_is_finite_at_degenerate_points():
+    t = torch.zeros(10, 2, dtype=torch.float64, requires_grad=True)  # constant and identical
+    s = torch.zeros(10, 2, dtype=torch.float64)
+    for metric in METRICS:
+        diagonal_consistency(t, s, metric).sum().backward()
+        assert torch.isfinite(t.grad).all(), metric
+        t.grad = None
+
+
+def test_gamma_sums_matched_entries():
+    m = torch.arange(12, dtype=torch.float64).reshape(4, 3)
+    assert gamma(m, torch.tensor([0, 1, 2])) == 0 + 4 + 8
+    assert gamma(m, [3, 3, 0]) == 9 + 10 + 2
+    with pytest.raises(KcdError, match="one teacher channel per student channel"):
+        gamma(m, [0, 1])
+    with pytest.raises(KcdError, match="outside 0..3"):
+        gamma(m, [0, 1, 4])
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_mismatched_sample_counts():
+    with pytest.raises(KcdError, match="teacher has N=10 samples but student has N=9"):
+        consistency_matrix(torch.randn(10, 3), torch.randn(9, 3), "l2")
+    stats = ConsistencyStatistics(3, 3)
+    with pytest.raises(KcdError, match="teacher has N=4 samples but student has N=5"):
+        stats.update(torch.randn(4, 3), torch.randn(5, 3))
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_name_the_side(side, bad):
+    t, s = torch.randn(8, 3), torch.randn(8, 3)
+    (t if side == "teacher" else s)[3, 1] = bad
+    with pytest.raises(KcdError, match=f"{side} features contain NaN or inf"):
+        consistency_matrix(t, s, "correlation")
+    with pytest.raises(KcdError, match=f"{side} features contain NaN or inf"):
+        ConsistencyStatistics(3, 3).update(t, s)
+
+
+def test_wrong_channel_count_to_update():
+    stats = ConsistencyStatistics(4, 3)
+    with pytest.raises(KcdError, match="teacher batch has 5 channels but .* expects c_T=4"):
+        stats.update(torch.randn(8, 5), torch.randn(8, 3))
+    with pytest.raises(KcdError, match="student batch has 2 channels but .* expects c_S=3"):
+        stats.update(torch.randn(8, 4), torch.randn(8, 2))
+    assert stats.n == 0
+
+
+def test_features_must_be_pooled_2d():
+    with pytest.raises(KcdError, match=r"teacher features must be pooled 2-D .* \(8, 3, 2, 2\)"):
+        consistency_matrix(torch.randn(8, 3, 2, 2), torch.randn(8, 3), "l1")
+
+
+def test_unknown_metric_lists_accepted_values():
+    accepted = "known: l1, l2, correlation, cosine, kl"
+    with pytest.raises(KcdError, match=f"unknown consistency metric 'l3'; {accepted}"):
+        consistency_matrix(torch.randn(4, 2), torch.randn(4, 2), "l3")
+    with pytest.raises(KcdError, match=f"unknown consistency metric 'pearson'; {accepted}"):
+        ConsistencyStatistics(2, 2, metrics=["l2", "pearson"])
+    with pytest.raises(KcdError, match=accepted):
+        ConsistencyStatistics(2, 2).matrix("euclid")
+
+
+def test_no_samples_yet():
+    with pytest.raises(KcdError, match="no samples accumulated yet"):
+        ConsistencyStatistics(2, 2).matrix("l2")
+
+
+def test_merge_mismatch():
+    with pytest.raises(KcdError, match="cannot merge statistics of c_T=3, c_S=2"):
+        ConsistencyStatistics(2, 2).merge(ConsistencyStatistics(3, 2))
+    with pytest.raises(KcdError, match="metrics kl into"):
+        ConsistencyStatistics(2, 2, ["l1"]).merge(ConsistencyStatistics(2, 2, ["kl"]))
+
+
+def test_load_rejects_other_files(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(KcdError, match="garbage.pt is not a kcd.consistency_statistics file"):
+        ConsistencyStatistics.load(garbage)
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something else"}, other)
+    with pytest.raises(KcdError, match="other.pt is not a kcd.consistency_statistics file"):
+        ConsistencyStatistics.load(other)
+    with pytest.raises(KcdError, match="missing.pt: no such file"):
+        ConsistencyStatistics.load(tmp_path / "missing.pt")
+    stats = ConsistencyStatistics(3, 2, ["l2"])
+    with pytest.raises(KcdError, match="does not fit c_T=3, c_S=2"):
+        stats.load_state_dict(ConsistencyStatistics(3, 3, ["l2"]).state_dict())

@@ -1,0 +1,241 @@
+"""The training engine: theta0, pre-training, distillation, exact resume, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kcd.checkpoint import load_file
+from kcd.config import train_spec, validate_config
+from kcd.errors import KcdError
+from kcd.statistics import compute_statistics, make_transform
+from kcd.config import data_spec
+from kcd.train import CHECKPOINT, FINAL, RESULT, init_weights, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pretrain(cfg, tmp_path, arch, seed=0, name=None):
+    theta0 = tmp_path / f"{arch}-s{seed}.pt"
+    if not theta0.exists():
+        init_weights(arch, seed, 100, theta0)
+    spec = train_spec(cfg, dataset="cifar100", arch=arch, seed=seed, theta0=str(theta0),
+                      out_dir=str(tmp_path / (name or f"{arch}-s{seed}")))
+    return theta0, spec, train(spec, progress=False)
+
+
+def test_same_theta0_same_start_and_distill_reloads_it(tiny_cfg, tmp_path):
+    cfg, _ = tiny_cfg
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    init_weights("resnet20_0.5x", 3, 100, a)
+    init_weights("resnet20_0.5x", 3, 100, b)
+    sa, sb = load_file(a)["state_dict"], load_file(b)["state_dict"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    init_weights("resnet20_0.5x", 4, 100, tmp_path / "c.pt")
+    sc = load_file(tmp_path / "c.pt")["state_dict"]
+    assert not torch.equal(sa["conv1.weight"], sc["conv1.weight"])
+
+    # A distillation run with zero iterations of effect (lr tiny) still starts from theta0:
+    # train one iteration with lr ~ 0 and compare the weights with theta0.
+    theta0, _, _ = _pretrain(cfg, tmp_path, "resnet20", name="teacher")
+    cfg2 = json.loads(json.dumps(cfg))
+    cfg2["recipes"]["cifar100"]["default"].update(iterations=1, lr=1e-30, weight_decay=0.0,
+                                                  milestones=[])
+    spec = train_spec(cfg2, dataset="cifar100", arch="resnet20_0.5x", seed=3, theta0=str(a),
+                      out_dir=str(tmp_path / "d"), method="kd", teacher="resnet20",
+                      teacher_weights=str(tmp_path / "teacher" / FINAL))
+    train(spec, progress=False)
+    final = load_file(tmp_path / "d" / FINAL)["state_dict"]
+    for k, v in sa.items():
+        if v.is_floating_point() and "running" not in k:
+            assert torch.allclose(final[k], v, atol=1e-12), k
+
+
+def test_pretrain_writes_result_final_and_anchors(tiny_cfg, tmp_path):
+    cfg, _ = tiny_cfg
+    _, spec, result = _pretrain(cfg, tmp_path, "resnet20_0.5x")
+    out = Path(spec.out_dir)
+    assert (out / FINAL).exists() and (out / RESULT).exists()
+    assert not (out / CHECKPOINT).exists()
+    assert spec.anchor_iterations == [2, 4]  # methods.rco.anchors = 3 over 6 iterations
+    assert sorted(p.name for p in (out / "anchors").iterdir()) == ["iter-2.pt", "iter-4.pt"]
+    saved = json.loads((out / RESULT).read_text())
+    assert saved["top1"] == result["top1"] and 0 <= saved["top1"] <= 100
+    assert saved["eval_images"] == 400  # tiny demo: 4 test images x 100 classes
+
+
+@pytest.fixture(scope="module")
+def trained_pair(demo_root, tmp_path_factory):
+    """A pre-trained resnet20 teacher (with RCO anchors), a resnet20_0.5x student, and the
+    bipartite-correlation transform between them."""
+    from tests.conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("pair")
+    cfg = tiny_config(demo_root, tmp / "results")
+    _pretrain(cfg, tmp, "resnet20", name="teacher")
+    theta0, _, _ = _pretrain(cfg, tmp, "resnet20_0.5x", name="student")
+    stats = tmp / "stats.pt"
+    compute_statistics(teacher="resnet20", teacher_weights=str(tmp / "teacher" / FINAL),
+                       student="resnet20_0.5x", student_weights=str(tmp / "student" / FINAL),
+                       layers=("layer3", "layer3"), data=data_spec(cfg, "cifar100"),
+                       num_classes=100, out=stats, metrics=["correlation"], progress=False)
+    transform = tmp / "bipartite.pt"
+    meta = make_transform(stats, "bipartite", "correlation", transform)
+    assert meta["gamma_after"] is not None and meta["student"] == "resnet20_0.5x"
+    anchors = [str(tmp / "teacher" / "anchors" / f"iter-{i}.pt") for i in (2, 4)]
+    anchors.append(str(tmp / "teacher" / FINAL))
+    return cfg, tmp, theta0, transform, anchors
+
+
+@pytest.mark.parametrize("method", ["kd", "fitnets", "at", "rkd", "ab", "rco", "l2"])
+def test_every_method_runs_with_and_without_transform(trained_pair, tmp_path, method):
+    cfg, pair, theta0, transform, anchors = trained_pair
+    # kd uses logits only; l2 ("Ours") needs equal channels, i.e. the transform (64 -> 32)
+    variants = {"kd": [None], "l2": [str(transform)]}.get(method, [None, str(transform)])
+    for t in variants:
+        out = tmp_path / f"{method}-{t is not None}"
+        spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0,
+                          theta0=str(theta0), out_dir=str(out), method=method,
+                          teacher="resnet20", teacher_weights=str(pair / "teacher" / FINAL),
+                          transforms=[t] if t else None, anchors=anchors)
+        result = train(spec, progress=False)
+        assert result["teacher_kl"] >= 0 and (out / FINAL).exists()
+        if t is not None:
+            assert result["feature_l2"] is not None and result["feature_l2"] > 0
+
+
+def _cli(args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kcd.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_resume_after_kill_is_bit_identical(demo_root, tmp_path):
+    from tests.conftest import tiny_config
+    import yaml
+
+    cfg = tiny_config(demo_root, tmp_path / "results", iterations=40, checkpoint_every=3,
+                      batch_size=32)
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(yaml.safe_dump(cfg))
+    theta0 = tmp_path / "theta0.pt"
+    init_weights("resnet20_0.5x", 0, 100, theta0)
+    common = ["pretrain", "--config", str(cfgp), "--dataset", "cifar100", "--arch",
+              "resnet20_0.5x", "--seed", "0", "--theta0", str(theta0), "--no-track", "-q"]
+    ref = _cli([*common, "--out", str(tmp_path / "ref")], REPO)
+    assert ref.returncode == 0, ref.stderr
+    # Kill a second run as soon as it has written a checkpoint part-way, then rerun it.
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kcd.cli", *common, "--out", str(out)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / CHECKPOINT).exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / CHECKPOINT).exists() and not (out / RESULT).exists()
+    step = load_file(out / CHECKPOINT)["step"]
+    assert 0 < step < 40
+    again = _cli([*common, "--out", str(out)], REPO)
+    assert again.returncode == 0, again.stderr
+    a = load_file(tmp_path / "ref" / FINAL)["state_dict"]
+    b = load_file(out / FINAL)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra = json.loads((tmp_path / "ref" / RESULT).read_text())
+    rb = json.loads((out / RESULT).read_text())
+    for k in ("top1", "top5", "loss"):
+        assert ra[k] == rb[k]
+
+
+def test_nan_loss_names_iteration_and_term(tiny_cfg, tmp_path):
+    cfg, _ = tiny_cfg
+    cfg["recipes"]["cifar100"]["default"]["lr"] = 1e30
+    theta0 = tmp_path / "t.pt"
+    init_weights("resnet20_0.5x", 0, 100, theta0)
+    spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0, theta0=str(theta0),
+                      out_dir=str(tmp_path / "nan"))
+    with pytest.raises(KcdError, match=r"loss term 'ce' is (nan|inf) at iteration \d+"):
+        train(spec, progress=False)
+    assert not (tmp_path / "nan" / RESULT).exists()
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tiny_cfg, tmp_path):
+    cfg, cfgp = tiny_cfg
+    theta0 = tmp_path / "t.pt"
+    init_weights("resnet20_0.5x", 0, 100, theta0)
+    base = ["--config", str(cfgp), "--no-track", "-q"]
+
+    def run(*args):
+        r = _cli([*args], REPO)
+        assert r.returncode == 2, r.stderr
+        lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("kcd: error:"), r.stderr
+        return lines[0]
+
+    # missing dataset root
+    msg = run("pretrain", *base, "--set", "datasets.cifar100.root=/nonexistent/x", "--dataset",
+              "cifar100", "--arch", "resnet20_0.5x", "--seed", "0", "--theta0", str(theta0),
+              "--out", str(tmp_path / "o1"))
+    assert "/nonexistent/x" in msg and "does not exist" in msg
+    # a root in the wrong format (an ImageFolder tree given as CIFAR root)
+    msg = run("pretrain", *base, "--set", f"datasets.cifar100.root={tmp_path}", "--dataset",
+              "cifar100", "--arch", "resnet20_0.5x", "--seed", "0", "--theta0", str(theta0),
+              "--out", str(tmp_path / "o2"))
+    assert "cifar" in msg.lower()
+    # unknown method
+    msg = run("distill", *base, "--dataset", "cifar100", "--student", "resnet20_0.5x",
+              "--theta0", str(theta0), "--teacher", "resnet20", "--teacher-weights", str(theta0),
+              "--method", "nosuch", "--seed", "0", "--out", str(tmp_path / "o3"))
+    assert "nosuch" in msg and "fitnets" in msg
+    # a checkpoint of another architecture
+    msg = run("pretrain", *base, "--dataset", "cifar100", "--arch", "resnet56", "--seed", "0",
+              "--theta0", str(theta0), "--out", str(tmp_path / "o4"))
+    assert "resnet20_0.5x" in msg and "resnet56" in msg
+    # a truncated checkpoint file
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(theta0.read_bytes()[:1000])
+    msg = run("pretrain", *base, "--dataset", "cifar100", "--arch", "resnet20_0.5x", "--seed",
+              "0", "--theta0", str(trunc), "--out", str(tmp_path / "o5"))
+    assert "trunc.pt" in msg and "truncated" in msg
+    for o in ("o1", "o2", "o3", "o4", "o5"):
+        assert not (tmp_path / o / RESULT).exists() and not (tmp_path / o / FINAL).exists()
+
+
+def test_transform_for_another_student_is_rejected(tiny_cfg, tmp_path):
+    from kcd.transforms import ChannelTransform, save_transform
+
+    cfg, _ = tiny_cfg
+    theta0 = tmp_path / "t.pt"
+    init_weights("resnet20_0.5x", 0, 100, theta0)
+    init_weights("resnet20", 0, 100, tmp_path / "teacher.pt")
+    bad = tmp_path / "bad.pt"
+    save_transform(ChannelTransform(torch.arange(64), 64, meta={"student": "resnet20"}), bad)
+    spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0, theta0=str(theta0),
+                      out_dir=str(tmp_path / "o"), method="l2", teacher="resnet20",
+                      teacher_weights=str(tmp_path / "teacher.pt"), transforms=[str(bad)])
+    with pytest.raises(KcdError, match="made for student resnet20, not resnet20_0.5x"):
+        train(spec, progress=False)
+
+
+def test_bad_config_names_the_key(tiny_cfg):
+    cfg, _ = tiny_cfg
+    for path, value, key in (
+        (("recipes", "cifar100", "default", "lr"), -0.1, "recipes.cifar100.default.lr"),
+        (("seeds",), [], "seeds"),
+        (("methods", "nosuch"), {"weight": 1}, "methods.nosuch"),
+    ):
+        bad = json.loads(json.dumps(cfg))
+        node = bad
+        for p in path[:-1]:
+            node = node[p]
+        node[path[-1]] = value
+        with pytest.raises(KcdError, match=f"config key {key}"):
+            validate_config(bad)
+    validate_config(cfg)
