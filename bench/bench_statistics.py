@@ -80,8 +80,11 @@ def time_naive(batches, compute: Callable[[torch.Tensor, torch.Tensor], None]) -
     return time.perf_counter() - start
 
 
-def megabytes(n_bytes: int) -> str:
-    return f"{n_bytes / 2**20:,.1f}"
+def readable(n_bytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= size:
+            return f"{n_bytes / size:.1f} {unit}"
+    return f"{n_bytes} B"
 
 
 def main() -> None:
@@ -96,7 +99,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"N={args.n} samples, batches of {BATCH}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; times in seconds, memory in MiB")
+          f"{torch.get_num_threads()} threads; times in seconds")
     header = ("c", "group", "ours s", "naive s", "naive/ours", "ours state", "naive stored")
     rows = []
     for c in args.channels:
@@ -106,12 +109,12 @@ def main() -> None:
                   ("l1", ("l1",), naive_l1)]
         for name, metrics, naive in groups:
             if name == "l1" and c > args.skip_l1_above:
-                rows.append((c, name, "skipped", "skipped", "-", "-", megabytes(stored)))
+                rows.append((c, name, "skipped", "skipped", "-", "-", readable(stored)))
                 continue
             ours, held = time_streaming(batches, c, metrics)
             theirs = time_naive(batches, naive)
             rows.append((c, name, f"{ours:.2f}", f"{theirs:.2f}", f"{theirs / ours:.2f}",
-                         megabytes(held), megabytes(stored)))
+                         readable(held), readable(stored)))
         del batches
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

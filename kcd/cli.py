@@ -28,13 +28,17 @@ def _config(args: argparse.Namespace) -> dict:
     return load_config(args.config or [DEFAULT_CONFIG], args.set or [])
 
 
-def _tracker(args: argparse.Namespace, cfg: dict, experiment: str, run_name: str, params: dict,
+def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: dict,
              tags: dict):
     if args.no_track:
         return nullcontext(None)
     from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
 
-    uri = tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
+    if args.tracking_uri:
+        uri = args.tracking_uri
+    else:
+        cfg = _config(args)
+        uri = tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
     return MlflowTracker(uri, experiment, run_name, params=params,
                          tags={**tags, "spec_hash": spec_hash(params)})
 
@@ -49,15 +53,29 @@ def _run_name(tags: dict) -> str:
     return "/".join(parts) + f"/s{tags.get('seed', 0)}"
 
 
+def _spec(args: argparse.Namespace, cls, resolve: Callable[[], Any]):
+    """The job's spec: ``--spec`` (JSON text or file, as the workflow passes it) or resolved
+    from the config and the command's flags."""
+    from kcd.specs import from_dict
+
+    if args.spec:
+        text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise KcdError(f"--spec is not valid JSON: {e}") from None
+        return from_dict(cls, data)
+    return resolve()
+
+
 def _train(args: argparse.Namespace, spec) -> None:
     from kcd.specs import to_dict
     from kcd.train import RESULT, train
 
-    cfg = _config(args)
     tags = {k: str(v) for k, v in spec.tags.items()}
-    params = {**{k: v for k, v in spec.tags.items()}, "recipe": to_dict(spec.recipe),
+    params = {**spec.tags, "recipe": to_dict(spec.recipe),
               "distill": to_dict(spec.distill) if spec.distill else None}
-    with _tracker(args, cfg, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
+    with _tracker(args, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
                   tags) as tracker:
         result = train(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
@@ -96,30 +114,44 @@ def cmd_init(args: argparse.Namespace) -> None:
     _summary(f"theta0 of {args.arch} seed {args.seed} ({classes} classes) -> {args.out}")
 
 
+def _need(args: argparse.Namespace, *names: str) -> None:
+    missing = [n for n in names if getattr(args, n) is None]
+    if missing:
+        raise KcdError("pass --spec, or " + ", ".join("--" + m.replace("_", "-") for m in missing))
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from kcd.config import train_spec
+    from kcd.specs import TrainSpec
 
-    spec = train_spec(_config(args), dataset=args.dataset, arch=args.arch, seed=args.seed,
-                      theta0=args.theta0, out_dir=args.out)
-    _train(args, spec)
+    def resolve():
+        _need(args, "dataset", "arch", "seed", "theta0", "out")
+        return train_spec(_config(args), dataset=args.dataset, arch=args.arch, seed=args.seed,
+                          theta0=args.theta0, out_dir=args.out)
+
+    _train(args, _spec(args, TrainSpec, resolve))
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
     from kcd.config import train_spec
+    from kcd.specs import TrainSpec
 
-    extra: dict[str, Any] = {}
-    if args.dynamic_every:
-        extra["dynamic_every"] = args.dynamic_every
-    spec = train_spec(
-        _config(args), dataset=args.dataset, arch=args.student, seed=args.seed,
-        theta0=args.theta0, out_dir=args.out, method=args.method, teacher=args.teacher,
-        teacher_weights=args.teacher_weights,
-        transforms=[args.transform] if args.transform else None,
-        anchors=args.anchor, tags={"teacher": args.teacher, "transform": args.transform_name
-                                   or ("none" if not args.transform else Path(args.transform).stem)},
-        **extra,
-    )
-    _train(args, spec)
+    def resolve():
+        _need(args, "dataset", "student", "seed", "theta0", "out", "method")
+        extra: dict[str, Any] = {}
+        if args.dynamic_every:
+            extra["dynamic_every"] = args.dynamic_every
+        transform = args.transform_name or (Path(args.transform).stem if args.transform
+                                            else "none")
+        return train_spec(
+            _config(args), dataset=args.dataset, arch=args.student, seed=args.seed,
+            theta0=args.theta0, out_dir=args.out, method=args.method, teacher=args.teacher,
+            teacher_weights=args.teacher_weights,
+            transforms=[args.transform] if args.transform else None, anchors=args.anchor,
+            tags={"teacher": args.teacher, "transform": transform}, **extra,
+        )
+
+    _train(args, _spec(args, TrainSpec, resolve))
 
 
 def _layers(args: argparse.Namespace) -> tuple[str, str]:
@@ -130,20 +162,22 @@ def _layers(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def cmd_statistics(args: argparse.Namespace) -> None:
-    from kcd.config import data_spec, num_classes
+    from kcd.config import statistics_spec
+    from kcd.specs import StatisticsSpec
     from kcd.statistics import compute_statistics
 
-    cfg = _config(args)
-    st = cfg.get("statistics", {})
-    info = compute_statistics(
-        teacher=args.teacher, teacher_weights=args.teacher_weights, student=args.student,
-        student_weights=args.student_weights, layers=_layers(args),
-        data=data_spec(cfg, args.dataset), num_classes=num_classes(cfg, args.dataset),
-        out=args.out, metrics=args.metrics or st.get("metrics", ["correlation"]),
-        groups=args.groups or (), batch_size=st.get("batch_size", 256), progress=not args.quiet,
-    )
+    def resolve():
+        _need(args, "dataset", "teacher", "teacher_weights", "student", "student_weights", "out")
+        return statistics_spec(
+            _config(args), dataset=args.dataset, teacher=args.teacher,
+            teacher_weights=args.teacher_weights, student=args.student,
+            student_weights=args.student_weights, out=args.out, groups=args.groups,
+            layers=(args.teacher_layer, args.student_layer), metrics=args.metrics)
+
+    spec = _spec(args, StatisticsSpec, resolve)
+    info = compute_statistics(spec, progress=not args.quiet)
     _summary(f"statistics of {info['samples']} images, {info['c_t']}x{info['c_s']} channels "
-             f"-> {args.out}")
+             f"-> {spec.out}")
 
 
 def cmd_transform(args: argparse.Namespace) -> None:
@@ -203,6 +237,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _summary(json.dumps(result))
 
 
+def cmd_table(args: argparse.Namespace) -> None:
+    from kcd.tables import write_table
+
+    text = Path(args.plan).read_text() if not args.plan.lstrip().startswith("{") else args.plan
+    try:
+        plan = json.loads(text)
+    except ValueError as e:
+        raise KcdError(f"--plan is not valid JSON: {e}") from None
+    df = write_table(plan, args.out)
+    _summary(f"table {plan['table']}: {len(df)} rows -> {args.out}.csv/.md/.tex")
+
+
+def cmd_tables_md(args: argparse.Namespace) -> None:
+    from kcd.tables import gather_markdown
+
+    gather_markdown(args.parts, args.out)
+    _summary(f"{len(args.parts)} parts -> {args.out}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -216,7 +269,10 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 
 def _tracked(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="the whole job as JSON (text or file), as the workflow passes "
+                                  "it; replaces the other flags")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config / environment)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,28 +304,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pretrain", cmd_pretrain, "train a model from its theta0 with cross-entropy "
                                       "(teachers, and the students of Algorithm 1 step 3)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--arch", required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--theta0", required=True)
-    p.add_argument("--out", required=True, help="run folder (final.pt, result.json, anchors/)")
+    p.add_argument("--dataset")
+    p.add_argument("--arch")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--theta0")
+    p.add_argument("--out", help="run folder (final.pt, result.json, anchors/)")
     _tracked(p)
 
     p = add("distill", cmd_distill, "distil a teacher into a student re-initialised from its "
                                     "theta0 (Algorithm 1 step 7)")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--student", required=True)
-    p.add_argument("--theta0", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--student")
+    p.add_argument("--theta0")
     p.add_argument("--teacher")
     p.add_argument("--teacher-weights")
-    p.add_argument("--method", required=True, help="baseline, kd, fitnets, at, rkd, ab, rco, l2")
+    p.add_argument("--method", help="baseline, kd, fitnets, at, rkd, ab, rco, l2")
     p.add_argument("--transform", help="channel transform file (the KCD part)")
     p.add_argument("--transform-name", help="name of the transform for tracking/tables")
     p.add_argument("--anchor", action="append", help="RCO anchor weights, in route order")
     p.add_argument("--dynamic-every", type=int, default=0,
                    help="recompute the transform every E iterations (Table 5)")
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out")
     _tracked(p)
 
     for name, fn, text in (
@@ -286,8 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--student-weights")
         p.add_argument("--teacher-layer")
         p.add_argument("--student-layer")
-        p.add_argument("--out", required=True)
+        p.add_argument("--out", required=name != "statistics")
         if name == "statistics":
+            p.add_argument("--spec", help="the whole job as JSON (text or file)")
             p.add_argument("--metrics", nargs="+")
             p.add_argument("--groups", type=int, nargs="+",
                            help="also per-class statistics for K groups of labels (Table 6)")
@@ -309,6 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-layer")
     p.add_argument("--student-layer")
     p.add_argument("--out")
+
+    p = add("table", cmd_table, "build one of the paper's tables from run results",
+            config=False)
+    p.add_argument("--plan", required=True, help="the table's plan as JSON (text or file)")
+    p.add_argument("--out", required=True, help="output prefix, e.g. results/table7")
+
+    p = add("tables-md", cmd_tables_md, "gather rendered tables and figures into one page",
+            config=False)
+    p.add_argument("--out", required=True)
+    p.add_argument("parts", nargs="+")
     return parser
 
 

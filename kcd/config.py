@@ -17,7 +17,7 @@ import jsonschema
 import yaml
 
 from kcd.errors import KcdError
-from kcd.specs import DataSpec, Recipe, TrainSpec, from_dict
+from kcd.specs import DataSpec, Recipe, StatisticsSpec, TrainSpec, from_dict
 
 _SCHEMA: dict | None = None
 
@@ -97,6 +97,18 @@ def validate_config(cfg: dict) -> dict:
             if name not in LOSSES:
                 raise KcdError(f"config key method_overrides.{ds}.{name}: unknown method; "
                                f"known: {', '.join(LOSSES.names())}")
+    from kcd.tables import COMPARISON_ROWS
+
+    for name, table in cfg.get("tables", {}).items():
+        if table.get("dataset") not in cfg.get("datasets", {}):
+            raise KcdError(f"config key tables.{name}.dataset: '{table.get('dataset')}' is not "
+                           f"under datasets; known: {', '.join(cfg.get('datasets', {}))}")
+        for i, arch in enumerate([table.get("teacher"), *table.get("students", [])]):
+            _known_model(arch, f"tables.{name}." + ("teacher" if i == 0 else "students"))
+        for row in table.get("rows", []):
+            if row not in COMPARISON_ROWS:
+                raise KcdError(f"config key tables.{name}.rows: unknown row '{row}'; known: "
+                               f"{', '.join(COMPARISON_ROWS.names())}")
     for ds, recipes in cfg.get("recipes", {}).items():
         for arch, r in recipes.items():
             if arch != "default":
@@ -221,3 +233,33 @@ def train_spec(
                  "method": method or "pretrain", **(tags or {})},
     }
     return from_dict(TrainSpec, spec)
+
+
+def statistics_spec(
+    cfg: dict,
+    *,
+    dataset: str,
+    teacher: str,
+    teacher_weights: str,
+    student: str,
+    student_weights: str,
+    out: str,
+    groups: list[int] | None = None,
+    layers: tuple[str | None, str | None] = (None, None),
+    metrics: list[str] | None = None,
+) -> StatisticsSpec:
+    """The :class:`StatisticsSpec` of a teacher/student pair at their distillation layers."""
+    from kcd.models import model_spec
+
+    _known_model(teacher, "teacher")
+    _known_model(student, "student")
+    st = cfg.get("statistics", {})
+    return StatisticsSpec(
+        teacher=teacher, teacher_weights=teacher_weights, student=student,
+        student_weights=student_weights,
+        layers=[layers[0] or model_spec(teacher).default_layer,
+                layers[1] or model_spec(student).default_layer],
+        data=data_spec(cfg, dataset), num_classes=num_classes(cfg, dataset), out=out,
+        metrics=list(metrics or st.get("metrics", ["correlation"])), groups=list(groups or []),
+        batch_size=int(st.get("batch_size", 256)),
+    )

@@ -89,6 +89,23 @@ class TrainSpec:
     tags: dict[str, Any] = field(default_factory=dict)  # identity: dataset, teacher, method...
 
 
+@dataclass
+class StatisticsSpec:
+    """One statistics pass (Algorithm 1 step 4) over the training images."""
+
+    teacher: str
+    teacher_weights: str
+    student: str
+    student_weights: str
+    layers: list[str]  # [teacher layer, student layer]
+    data: DataSpec
+    num_classes: int
+    out: str
+    metrics: list[str] = field(default_factory=lambda: ["correlation"])
+    groups: list[int] = field(default_factory=list)  # Table 6: also per-class, K groups
+    batch_size: int = 256
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from nested dicts, naming any unknown or missing key."""
     where = where or cls.__name__
@@ -127,4 +144,5 @@ _NESTED = {
     ("TrainSpec", "recipe"): Recipe,
     ("TrainSpec", "distill"): DistillSpec,
     ("DistillSpec", "layers"): LayerPair,
+    ("StatisticsSpec", "data"): DataSpec,
 }

@@ -24,7 +24,7 @@ from kcd.consistency import ConsistencyStatistics
 from kcd.data.streams import eval_batches
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
-from kcd.specs import DataSpec
+from kcd.specs import DataSpec, StatisticsSpec
 from kcd.train import load_model
 from kcd.transforms import (
     PerClassTransform,
@@ -59,30 +59,20 @@ def _feature_pairs(
             yield tt.features[layers[0]], st.features[layers[1]], y
 
 
-def compute_statistics(
-    *,
-    teacher: str,
-    teacher_weights: str,
-    student: str,
-    student_weights: str,
-    layers: tuple[str, str],
-    data: DataSpec,
-    num_classes: int,
-    out: str | os.PathLike,
-    metrics: Sequence[str],
-    groups: Sequence[int] = (),
-    batch_size: int = 256,
-    progress: bool = True,
-) -> dict:
+def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
     """One pass over the training set; writes the statistics file and returns a summary."""
+    teacher, student, groups, num_classes = spec.teacher, spec.student, spec.groups, spec.num_classes
+    layers, data, metrics = (spec.layers[0], spec.layers[1]), spec.data, spec.metrics
     for k in groups:
         if not 1 <= k <= num_classes:
             raise KcdError(f"groups K={k} must be between 1 and the class count {num_classes}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t, s = _models(teacher, teacher_weights, student, student_weights, num_classes, device)
+    t, s = _models(teacher, spec.teacher_weights, student, spec.student_weights, num_classes,
+                   device)
     stats: ConsistencyStatistics | None = None
     per_group: dict[int, list[ConsistencyStatistics]] = {}
-    for ft, fs, y in _feature_pairs(t, s, layers, data, batch_size, device, progress=progress):
+    for ft, fs, y in _feature_pairs(t, s, layers, data, spec.batch_size, device,
+                                    progress=progress):
         pt, ps = global_avg_pool(ft).float().cpu(), global_avg_pool(fs).float().cpu()
         if stats is None:
             stats = ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))
@@ -106,7 +96,7 @@ def compute_statistics(
             "global": stats.state_dict(),
             "groups": {str(k): [a.state_dict() for a in accs] for k, accs in per_group.items()},
         },
-        out,
+        spec.out,
     )
     return {"samples": stats.n, "c_t": stats.c_t, "c_s": stats.c_s, "groups": sorted(per_group)}
 

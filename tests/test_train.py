@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from kcd.checkpoint import load_file
-from kcd.config import train_spec, validate_config
+from kcd.config import statistics_spec, train_spec, validate_config
 from kcd.errors import KcdError
 from kcd.statistics import compute_statistics, make_transform
-from kcd.config import data_spec
 from kcd.train import CHECKPOINT, FINAL, RESULT, init_weights, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,10 +81,10 @@ def trained_pair(demo_root, tmp_path_factory):
     _pretrain(cfg, tmp, "resnet20", name="teacher")
     theta0, _, _ = _pretrain(cfg, tmp, "resnet20_0.5x", name="student")
     stats = tmp / "stats.pt"
-    compute_statistics(teacher="resnet20", teacher_weights=str(tmp / "teacher" / FINAL),
-                       student="resnet20_0.5x", student_weights=str(tmp / "student" / FINAL),
-                       layers=("layer3", "layer3"), data=data_spec(cfg, "cifar100"),
-                       num_classes=100, out=stats, metrics=["correlation"], progress=False)
+    compute_statistics(statistics_spec(
+        cfg, dataset="cifar100", teacher="resnet20", teacher_weights=str(tmp / "teacher" / FINAL),
+        student="resnet20_0.5x", student_weights=str(tmp / "student" / FINAL), out=str(stats),
+        metrics=["correlation"]), progress=False)
     transform = tmp / "bipartite.pt"
     meta = make_transform(stats, "bipartite", "correlation", transform)
     assert meta["gamma_after"] is not None and meta["student"] == "resnet20_0.5x"

@@ -58,6 +58,7 @@ CIFAR_SIZE = 32
 
 # Recipe of the classification images (units: standard deviations of a unit pattern).
 MAX_FREQUENCY = 3  # highest spatial frequency of a pattern, in cycles per canvas
+CANVAS_MARGIN = 0.25  # class patterns are this fraction of the image side larger: the crop range
 CLASS_DEVIATION = 0.75  # size of a class's own pattern next to its superclass pattern
 NUISANCE = 0.6  # size of the per-sample smooth pattern
 NOISE = 0.35  # per-pixel Gaussian noise
@@ -169,7 +170,7 @@ def _write_atomically(target: Path, manifest: dict, fill: Callable[[Path], None]
     if found is not None and {k: found.get(k) for k in manifest} == manifest:
         if _count_files(target) == found.get("files"):
             return
-    elif target.exists() and found is None:
+    elif target.exists() and found is None and any(target.iterdir()):
         raise KcdError(
             f"{target} exists and was not written by `kcd demo-data`; "
             "choose another demo root or move that folder away"
@@ -313,7 +314,7 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
     """Write ``train``, ``test`` and ``meta`` in the CIFAR-100 python layout into ``out``."""
     rng = _rng(seed, "cifar100", "classes")
     superclass_of = rng.permutation(np.repeat(np.arange(CIFAR_COARSE_CLASSES), 5))
-    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + CIFAR_SIZE // 4)
+    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + round(CANVAS_MARGIN * CIFAR_SIZE))
     fine_names = [f"class_{i:02d}" for i in range(CIFAR_FINE_CLASSES)]
     coarse_names = [f"superclass_{i:02d}" for i in range(CIFAR_COARSE_CLASSES)]
     splits = (("train", sizes.cifar_train_per_class, "training"), ("test", sizes.cifar_test_per_class, "testing"))
@@ -353,7 +354,7 @@ def _write_imagenet(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
     rng = _rng(seed, "imagenet", "classes")
     classes, size = sizes.imagenet_classes, sizes.imagenet_image_size
     superclass_of = rng.permutation(np.arange(classes) % max(1, classes // 5))
-    patterns = _class_patterns(rng, superclass_of, size + size // 4)
+    patterns = _class_patterns(rng, superclass_of, size + round(CANVAS_MARGIN * size))
     wnids = [f"n{i:08d}" for i in range(classes)]
     splits = (("train", sizes.imagenet_train_per_class), ("val", sizes.imagenet_val_per_class))
     total = classes * (sizes.imagenet_train_per_class + sizes.imagenet_val_per_class)

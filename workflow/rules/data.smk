@@ -1,0 +1,13 @@
+# Step 0: the demo datasets, generated in the real on-disk formats (demo scale only).
+
+
+rule demo_data:
+    output:
+        f"{DEMO}/{{folder}}/.kcd-demo.json",
+    log:
+        log_path("data", "demo-{folder}"),
+    params:
+        kind=lambda w: {v: k for k, v in DEMO_FOLDERS.items()}[w.folder],
+        seed=config.get("demo_data", {}).get("seed", 0),
+    shell:
+        "{KCD} demo-data --root {DEMO} --seed {params.seed} --kinds {params.kind} > {log} 2>&1"

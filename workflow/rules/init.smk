@@ -1,0 +1,15 @@
+# Step 1: theta0, the initial weights of an (architecture, seed), written once and reused by
+# the pre-training and by every distillation run of that student.
+
+
+rule init:
+    output:
+        f"{RESULTS}/{{ds}}/init/{{arch}}-s{{seed}}.pt",
+    log:
+        log_path("{ds}", "init", "{arch}-s{seed}"),
+    params:
+        launch=lambda w: launch("init", f"init-{w.ds}-{w.arch}-s{w.seed}"),
+        classes=lambda w: config["datasets"][w.ds]["num_classes"],
+    shell:
+        "{params.launch} init --arch {wildcards.arch} --seed {wildcards.seed} "
+        "--num-classes {params.classes} --out {output} -q > {log} 2>&1"
