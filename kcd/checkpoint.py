@@ -77,6 +77,15 @@ def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         ) from None
 
 
+def load_format(path: str | os.PathLike, file_format: str) -> dict:
+    """Load a plain dictionary whose ``"format"`` entry must be ``file_format``."""
+    payload = load_file(path, f"{file_format} file")
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found != file_format:
+        raise KcdError(f"{path} is not a {file_format} file (format: {found!r})")
+    return payload
+
+
 def load_model_weights(path: str | os.PathLike, arch: str, what: str = "weights") -> dict:
     """Load a ``{"arch", "state_dict", ...}`` model file and check its architecture."""
     obj = load_file(path, what)

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from kcd.checkpoint import atomic_save, load_format
 from kcd.errors import KcdError
 from kcd.registry import Registry
 
@@ -217,48 +216,6 @@ def gamma(matrix: Tensor, channel_map: Tensor) -> float:
     if index.numel() and (index.min() < 0 or index.max() >= m.shape[0]):
         raise KcdError(f"channel map holds teacher channels outside 0..{m.shape[0] - 1}")
     return float(m[index, torch.arange(m.shape[1])].double().sum())
-
-
-# --------------------------------------------------------------------------------------------
-# Saving and loading plain dictionaries
-# --------------------------------------------------------------------------------------------
-
-
-def save_atomic(payload: dict, path: str | os.PathLike) -> None:
-    """``torch.save`` a plain dictionary so that ``path`` never holds a partial file.
-
-    The dictionary is written to a temporary file in the same folder, then renamed over ``path``.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checked(path: str | os.PathLike, file_format: str) -> dict:
-    """Load a dictionary saved by :func:`save_atomic` whose ``"format"`` entry is ``file_format``.
-
-    Loads with ``weights_only=True``; anything else (missing, unreadable, another format) raises
-    :class:`KcdError` naming the file.
-    """
-    source = Path(path)
-    if not source.is_file():
-        raise KcdError(f"{source}: no such file (expected a {file_format} file)")
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise KcdError(f"{source} is not a {file_format} file: {reason}") from None
-    found = payload.get("format") if isinstance(payload, dict) else None
-    if found != file_format:
-        raise KcdError(f"{source} is not a {file_format} file (format: {found!r})")
-    return payload
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,17 +496,24 @@ class ConsistencyStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to ``path`` atomically (readable with ``weights_only=True``)."""
-        save_atomic(self.state_dict(), path)
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu"
     ) -> ConsistencyStatistics:
         """Read statistics written by :meth:`save`."""
-        state = load_checked(path, _STATS_FORMAT)
+        state = load_format(path, _STATS_FORMAT)
         try:
-            stats = cls(state["c_t"], state["c_s"], state["metrics"], device=device)
-            stats.load_state_dict(state)
+            return cls.from_state_dict(state, device=device)
         except (KeyError, TypeError, KcdError) as exc:
             raise KcdError(f"{path} is not a valid {_STATS_FORMAT} file: {exc}") from None
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict, device: str | torch.device = "cpu"
+    ) -> ConsistencyStatistics:
+        """An accumulator restored from a :meth:`state_dict`."""
+        stats = cls(state["c_t"], state["c_s"], state["metrics"], device=device)
+        stats.load_state_dict(state)
         return stats

@@ -4,7 +4,7 @@ One registry per concept; an unknown name fails with the list of known names.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from kcd.errors import KcdError
 

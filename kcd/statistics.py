@@ -13,7 +13,7 @@ images; per-class statistics for K groups hold K of them (K x c_T x c_S x 8 byte
 from __future__ import annotations
 
 import os
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -108,12 +108,6 @@ def _load_statistics(path: str | os.PathLike) -> dict:
     return obj
 
 
-def _accumulator(state: dict) -> ConsistencyStatistics:
-    acc = ConsistencyStatistics(int(state["c_t"]), int(state["c_s"]), metrics=list(state["metrics"]))
-    acc.load_state_dict(state)
-    return acc
-
-
 def make_transform(
     stats_path: str | os.PathLike,
     strategy: str,
@@ -135,14 +129,14 @@ def make_transform(
             "teacher_layer": obj["layers"][0], "metric": metric, "strategy": strategy,
             "groups": groups}
     if groups <= 1:
-        m = _accumulator(obj["global"]).matrix(metric)
+        m = ConsistencyStatistics.from_state_dict(obj["global"]).matrix(metric)
         t = build_transform(m, strategy, seed=seed, meta=meta)
     else:
         states = obj["groups"].get(str(groups))
         if states is None:
             raise KcdError(f"{stats_path} has no statistics for K={groups} groups; "
                            f"it has K in {sorted(obj['groups']) or 'none'}")
-        parts = [build_transform(_accumulator(st).matrix(metric), strategy, seed=seed + i,
+        parts = [build_transform(ConsistencyStatistics.from_state_dict(st).matrix(metric), strategy, seed=seed + i,
                                  meta=dict(meta, group=i)) for i, st in enumerate(states)]
         t = PerClassTransform(parts, obj["num_classes"])
         t.meta = dict(meta, gamma_after=sum(p.meta["gamma_after"] for p in parts) / len(parts),

@@ -39,7 +39,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from kcd.consistency import diagonal_consistency, gamma, load_checked, save_atomic
+from kcd.checkpoint import atomic_save, load_format
+from kcd.consistency import diagonal_consistency, gamma
 from kcd.errors import KcdError
 from kcd.registry import Registry
 
@@ -269,8 +270,9 @@ def build_transform(matrix: Tensor, strategy: str, seed: int | None = None,
                     meta: dict | None = None) -> ChannelTransform:
     """:class:`ChannelTransform` of ``strategy`` on ``M``; meta records the strategy and Γ.
 
-    ``gamma_before`` is Γ of the identity map (None unless M is square), ``gamma_after`` Γ of the
-    chosen map.
+    ``meta`` carries the caller's entries (teacher, student, layer, metric, ...); added are
+    ``strategy``, ``seed``, ``gamma_before`` (Γ of the identity map, None unless M is square) and
+    ``gamma_after`` (Γ of the chosen map).
     """
     matrix = torch.as_tensor(matrix)
     channel_map = match(matrix, strategy, seed)
@@ -411,12 +413,12 @@ def _from_payload(payload: dict) -> nn.Module:
 
 def save_transform(transform: nn.Module, path: str | os.PathLike) -> None:
     """Write a transform with its metadata to ``path`` atomically (``weights_only``-loadable)."""
-    save_atomic({"format": _TRANSFORM_FORMAT, **_payload(transform)}, path)
+    atomic_save({"format": _TRANSFORM_FORMAT, **_payload(transform)}, path)
 
 
 def load_transform(path: str | os.PathLike) -> nn.Module:
     """Read a transform written by :func:`save_transform`, in eval mode."""
-    payload = load_checked(path, _TRANSFORM_FORMAT)
+    payload = load_format(path, _TRANSFORM_FORMAT)
     try:
         return _from_payload(payload).eval()
     except (KeyError, TypeError, RuntimeError, KcdError) as exc:

@@ -233,7 +233,7 @@ def test_load_rejects_files_that_are_not_transforms(tmp_path):
         load_transform(stats)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(KcdError, match="notes.txt is not a kcd.transform file"):
+    with pytest.raises(KcdError, match="notes.txt is unreadable or truncated"):
         load_transform(text)
 
 

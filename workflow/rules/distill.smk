@@ -14,12 +14,12 @@ rule distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
-        gpus=lambda w: resources_of("distill").get("gpus", 0),
-    params:
         launch=lambda w: launch(
             "distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}"
         ),
+        gpus=lambda w: resources_of("distill").get("gpus", 0),
+    params:
         spec=distill_spec,
     shell:
-        "{params.launch} distill --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} distill --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"

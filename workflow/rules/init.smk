@@ -7,9 +7,10 @@ rule init:
         f"{RESULTS}/{{ds}}/init/{{arch}}-s{{seed}}.pt",
     log:
         log_path("{ds}", "init", "{arch}-s{seed}"),
-    params:
+    resources:
         launch=lambda w: launch("init", f"init-{w.ds}-{w.arch}-s{w.seed}"),
+    params:
         classes=lambda w: config["datasets"][w.ds]["num_classes"],
     shell:
-        "{params.launch} init --arch {wildcards.arch} --seed {wildcards.seed} "
+        "{resources.launch} init --arch {wildcards.arch} --seed {wildcards.seed} "
         "--num-classes {params.classes} --out {output} -q > {log} 2>&1"

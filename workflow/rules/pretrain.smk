@@ -12,10 +12,10 @@ rule pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
+        launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}"),
         gpus=lambda w: resources_of("pretrain").get("gpus", 0),
     params:
-        launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}"),
         spec=pretrain_spec,
     shell:
-        "{params.launch} pretrain --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} pretrain --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"

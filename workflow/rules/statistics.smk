@@ -11,9 +11,9 @@ rule statistics:
     log:
         log_path("{ds}", "statistics", "{teacher}-s{tseed}__{student}-s{seed}"),
     resources:
+        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.student}-s{w.seed}"),
         gpus=lambda w: resources_of("statistics").get("gpus", 0),
     params:
-        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.student}-s{w.seed}"),
         spec=stats_spec,
     shell:
-        "{params.launch} statistics --spec {params.spec:q} > {log} 2>&1"
+        "{resources.launch} statistics --spec {params.spec:q} > {log} 2>&1"
