@@ -9,5 +9,7 @@ rule demo_data:
     params:
         kind=lambda w: {v: k for k, v in DEMO_FOLDERS.items()}[w.folder],
         seed=config.get("demo_data", {}).get("seed", 0),
+        size="--tiny" if config.get("demo_data", {}).get("size") == "tiny" else "",
     shell:
-        "{KCD} demo-data --root {DEMO} --seed {params.seed} --kinds {params.kind} > {log} 2>&1"
+        "{KCD} demo-data --root {DEMO} --seed {params.seed} --kinds {params.kind} {params.size} "
+        "-q > {log} 2>&1"

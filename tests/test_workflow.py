@@ -1,0 +1,123 @@
+"""End to end: the real Snakemake DAG at the smallest scale, in a temporary directory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile")]
+ROWS = ["Baseline", "KD", "FitNets", "Ours", "Ours + FitNets"]
+
+pytestmark = pytest.mark.slow
+
+
+def _config() -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["demo_data"]["size"] = "tiny"
+    cfg["datasets"] = {"cifar100": cfg["datasets"]["cifar100"]}
+    r = {"iterations": 4, "batch_size": 16, "lr": 0.05, "milestones": [3], "checkpoint_every": 2,
+         "log_every": 2, "eval_batch_size": 200}
+    cfg["recipes"] = {"cifar100": {"default": r}}
+    cfg["methods"]["rco"]["anchors"] = 2
+    cfg["tables"] = {"table7": {"dataset": "cifar100", "teacher": "resnet20",
+                                "students": ["resnet20_0.5x"], "rows": ROWS}}
+    return cfg
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([*SNAKEMAKE, "-d", str(workdir), "--cores", "2", *args], cwd=workdir,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    work = tmp_path_factory.mktemp("dag")
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    run = _snakemake(work, "results/tables.md")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return work
+
+
+def test_table7_rows_columns_and_provenance(built):
+    df = pd.read_csv(built / "results" / "table7.csv")
+    assert list(df["row"]) == ROWS
+    for col in ("resnet20_0.5x", "resnet20_0.5x_paper", "resnet20_0.5x_diff", "resnet20_0.5x_n",
+                "teacher_top1", "teacher_top1_paper"):
+        assert col in df.columns
+    # every number traces to a run's result.json at the layout's path
+    res = built / "results" / "cifar100"
+    expected = {
+        "Baseline": res / "models/resnet20_0.5x-s0/result.json",
+        "KD": res / "runs/resnet20-s0__resnet20_0.5x/kd/none/s0/result.json",
+        "FitNets": res / "runs/resnet20-s0__resnet20_0.5x/fitnets/none/s0/result.json",
+        "Ours": res / "runs/resnet20-s0__resnet20_0.5x/l2/bipartite-correlation/s0/result.json",
+        "Ours + FitNets": res / "runs/resnet20-s0__resnet20_0.5x/fitnets/bipartite-correlation/s0/result.json",
+    }
+    for _, line in df.iterrows():
+        result = json.loads(expected[line["row"]].read_text())
+        assert line["resnet20_0.5x"] == pytest.approx(result["top1"])
+        assert line["resnet20_0.5x_n"] == 1
+    paper = pd.read_csv(REPO / "kcd" / "paper" / "table7.csv").set_index("row")
+    for _, line in df.iterrows():
+        assert line["resnet20_0.5x_paper"] == paper.loc[line["row"], "resnet20_0.5x"]
+    teacher = json.loads((res / "models/resnet20-s0/result.json").read_text())
+    assert df["teacher_top1"].iloc[0] == pytest.approx(teacher["top1"])
+    md = (built / "results" / "tables.md").read_text()
+    assert "Table 7" in md and "Ours + FitNets" in md
+    assert (built / "results" / "table7.tex").read_text().count(r"\midrule") == 1
+
+
+def test_every_run_is_in_mlflow(built):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{built / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kcd-cifar100")
+    runs = client.search_runs([exp.experiment_id])
+    by_name = {r.info.run_name: r for r in runs}
+    fit = by_name["cifar100/resnet20/resnet20_0.5x/fitnets/bipartite-correlation/s0"]
+    assert fit.data.params["method"] == "fitnets"
+    assert fit.data.params["transform"] == "bipartite-correlation"
+    assert fit.data.params["row"] == "Ours + FitNets"
+    assert "eval.top1" in fit.data.metrics and "train.ce" in fit.data.metrics
+    assert fit.info.status == "FINISHED"
+    # 2 pretrainings + 4 distillations (Baseline is the student's pre-training)
+    assert len(runs) == 6
+
+
+def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(built):
+    again = _snakemake(built, "results/tables.md", "-n")
+    assert again.returncode == 0
+    assert "Nothing to be done" in again.stdout + again.stderr
+    cfg = yaml.safe_load((built / "config" / "config.yaml").read_text())
+    cfg["methods"]["fitnets"]["weight"] = 50
+    changed = built / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = _snakemake(built, "results/tables.md", "-n", "--configfile", str(changed))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    out = dry.stdout + dry.stderr
+    counts = dict(line.split()[:2] for line in out.split("Job stats:")[1].splitlines()[3:]
+                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    assert counts.get("distill") == "2"  # fitnets with and without the transform
+    assert counts.get("comparison_table") == "1" and "pretrain" not in counts
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    cfg = _config()
+    cfg["recipes"]["cifar100"]["default"]["lr"] = -1
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = _snakemake(tmp_path, "results/tables.md", "-n")
+    assert run.returncode != 0
+    assert "config key recipes.cifar100.default.lr" in run.stdout + run.stderr
+    assert not (tmp_path / "results" / "cifar100").exists()
