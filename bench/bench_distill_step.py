@@ -166,7 +166,7 @@ class _Clock:
         self.stamps: dict[int, float] = {}
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step in self.marks:
+        if step in self.marks and step not in self.stamps:  # train() logs eval at the end too
             self.stamps[step] = time.perf_counter()
 
 
