@@ -43,6 +43,7 @@ class Recipe:
     log_every: int = 20
     eval_batch_size: int = 256
     channels_last: bool = True
+    micro_batches: int = 1  # split each batch (strided) and accumulate gradients
 
 
 @dataclass

@@ -9,7 +9,13 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
   RNG state) every ``checkpoint_every`` iterations, and a rerun of the same command resumes
   from it, ending bit-identical to an uninterrupted run on the CPU;
 - stops on a NaN/inf loss with an error naming the iteration and the loss term;
-- runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks);
+- runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks); each
+  rank takes a strided share of every global batch, so the processes together see exactly the
+  batches of a single process with the same global batch. ``recipe.micro_batches`` splits a
+  batch the same strided way and accumulates gradients: one process with ``micro_batches = W``
+  computes the same parameter updates as W DDP processes (batch-norm statistics per
+  micro-batch, like per rank), and keeps the paper's per-GPU batch on fewer GPUs. With DDP,
+  batch-norm running statistics follow rank 0 (DDP broadcasts its buffers);
 - ends with ``final.pt`` and ``result.json`` (written last: its presence means done).
 """
 from __future__ import annotations
@@ -246,8 +252,9 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
         raise KcdError("recipe needs iterations >= 1, batch_size >= 1 and lr > 0")
     rank, local_rank, world = _distributed()
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if r.batch_size % world:
-        raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} processes")
+    if r.micro_batches < 1 or r.batch_size % (world * r.micro_batches):
+        raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} process(es) "
+                       f"x {r.micro_batches} micro-batch(es)")
 
     torch.manual_seed(spec.seed)
     student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
@@ -323,35 +330,32 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
             x, y = next(batches)
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            logits = model(x)
-            terms: dict[str, torch.Tensor] = {}
-            if not in_init:
-                terms["ce"] = F.cross_entropy(logits, y)
-            if distill is not None and distill.teacher is not None:
-                with torch.no_grad():
-                    t_logits = distill.teacher(x)
-                s_feats = [s_tap.features[s] for _, s, _ in distill.pairs] if s_tap else []
-                t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
-                terms.update(_loss_terms(distill, y, logits, t_logits, s_feats, t_feats, in_init))
-                if not in_init and distill.dynamic and any(distill.dynamic):
-                    distill.record(t_feats, s_feats)
-            loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
-                raise KcdError(
-                    f"loss term '{bad[0]}' is {terms.get(bad[0], loss).item()} at iteration "
-                    f"{it}; lower the learning rate or the method's weight"
-                )
             opt = init_optimizer if in_init else optimizer
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            m = r.micro_batches
+            terms: dict[str, float] = {}
+            for i in range(m):
+                xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
+                got = _forward_terms(model, distill, s_tap, t_tap, xi, yi, in_init)
+                loss = sum(got.values())
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in got.items() if not torch.isfinite(v)] or ["total"]
+                    raise KcdError(
+                        f"loss term '{bad[0]}' is {got.get(bad[0], loss).item()} at iteration "
+                        f"{it}; lower the learning rate or the method's weight"
+                    )
+                (loss / m).backward()
+                for k, v in got.items():
+                    terms[k] = terms.get(k, 0.0) + v.detach().item() / m
+            if world > 1 and distill is not None:
+                _average_gradients(distill.losses.parameters(), world)
             opt.step()
             if not in_init:
                 scheduler.step()
             step += 1
             bar.update(1)
             for k, v in terms.items():
-                logged[k] = logged.get(k, 0.0) + v.detach().item()
+                logged[k] = logged.get(k, 0.0) + v
             n_logged += 1
             if n_logged >= r.log_every or step == total_steps:
                 metrics = {f"train/{k}": v / n_logged for k, v in logged.items()}
@@ -410,6 +414,42 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
     if ckpt_path.exists():
         ckpt_path.unlink()
     return result
+
+
+def _forward_terms(
+    model: nn.Module,
+    distill: _Distillation | None,
+    s_tap: FeatureTap | None,
+    t_tap: FeatureTap | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    in_init: bool,
+) -> dict[str, torch.Tensor]:
+    """Forward one (micro-)batch: cross-entropy and the distillation terms, by name."""
+    logits = model(x)
+    terms: dict[str, torch.Tensor] = {}
+    if not in_init:
+        terms["ce"] = F.cross_entropy(logits, y)
+    if distill is not None and distill.teacher is not None:
+        with torch.no_grad():
+            t_logits = distill.teacher(x)
+        s_feats = [s_tap.features[s] for _, s, _ in distill.pairs] if s_tap else []
+        t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
+        terms.update(_loss_terms(distill, y, logits, t_logits, s_feats, t_feats, in_init))
+        if not in_init and any(d is not None for d in distill.dynamic):
+            distill.record(t_feats, s_feats)
+    return terms
+
+
+def _average_gradients(params, world: int) -> None:
+    """All-reduce (mean) the gradients of parameters DDP does not own (regressors,
+    connectors of the distillation losses)."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
 
 
 def _loss_terms(

@@ -143,8 +143,17 @@ def test_complete_output_is_skipped_and_other_settings_rewrite(tmp_path):
 
 def test_foreign_folder_is_never_overwritten(tmp_path):
     (tmp_path / "imagenet").mkdir()
+    (tmp_path / "imagenet" / "mine.txt").write_text("a user's file")
     with pytest.raises(KcdError, match="not written by"):
         write_demo_data(tmp_path, kinds=["imagenet"], sizes=TINY, progress=False)
+    assert (tmp_path / "imagenet" / "mine.txt").exists()
+
+
+def test_empty_target_folder_is_filled(tmp_path):
+    # Snakemake creates an output's parent folder before the job runs.
+    (tmp_path / "imagenet").mkdir()
+    write_demo_data(tmp_path, kinds=["imagenet"], sizes=TINY, progress=False)
+    assert (tmp_path / "imagenet" / MANIFEST).exists()
 
 
 def test_bad_demo_request():
