@@ -32,7 +32,7 @@ not depend on its accuracy), but its batch-norm statistics are first estimated o
 batches so that its features, and hence the loss, have a trained-like scale.
 
 Targets (stated under the table): ``ours`` at least 1.3x the reference loop and at least 0.85x
-bare compute. Timings on a shared machine move with its load; the load average is printed.
+bare compute. Timings move with the load of the CPU; the load average is printed.
 
     python bench/bench_distill_step.py [--iterations 30] [--warmup 5] [--batch-size 128]
                                        [--method fitnets] [--workers 2] [--threads T]
@@ -58,7 +58,7 @@ from kcd.data.demo import DemoSizes, write_demo_data
 from kcd.data.loader import TensorDataLoader
 from kcd.features import FeatureTap, feature_shapes
 from kcd.losses import LOSSES, DistillBatch, build_loss
-from kcd.models import build_model, model_spec
+from kcd.models import model_spec
 from kcd.specs import DataSpec, DistillSpec, Recipe, TrainSpec
 from kcd.train import init_weights, load_model, train
 

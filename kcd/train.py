@@ -314,7 +314,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
 
     every = _checkpoint_every(spec)
     anchors = set(spec.anchor_iterations)
-    logged: dict[str, float] = {}
+    logged: dict[str, torch.Tensor] = {}
     n_logged = 0
     started = time.time()
     bar = tqdm(total=total_steps, initial=step, desc=f"{spec.arch} {spec.tags.get('method', '')}",
@@ -333,7 +333,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
             opt = init_optimizer if in_init else optimizer
             opt.zero_grad(set_to_none=True)
             m = r.micro_batches
-            terms: dict[str, float] = {}
+            terms: dict[str, torch.Tensor] = {}
             for i in range(m):
                 xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
                 got = _forward_terms(model, distill, s_tap, t_tap, xi, yi, in_init)
@@ -346,7 +346,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                     )
                 (loss / m).backward()
                 for k, v in got.items():
-                    terms[k] = terms.get(k, 0.0) + v.detach().item() / m
+                    terms[k] = terms.get(k, 0.0) + v.detach() / m
             if world > 1 and distill is not None:
                 _average_gradients(distill.losses.parameters(), world)
             opt.step()
@@ -354,15 +354,15 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                 scheduler.step()
             step += 1
             bar.update(1)
-            for k, v in terms.items():
+            for k, v in terms.items():  # summed on the device; read back at log time only
                 logged[k] = logged.get(k, 0.0) + v
             n_logged += 1
             if n_logged >= r.log_every or step == total_steps:
-                metrics = {f"train/{k}": v / n_logged for k, v in logged.items()}
+                metrics = {f"train/{k}": float(v) / n_logged for k, v in logged.items()}
                 metrics["train/lr"] = optimizer.param_groups[0]["lr"]
                 if rank == 0:
                     tracker.log_metrics(metrics, step)
-                bar.set_postfix(loss=f"{sum(logged.values()) / n_logged:.3f}")
+                bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
                 logged, n_logged = {}, 0
             if (distill is not None and spec.distill.dynamic_every and not in_init
                     and (it + 1) % spec.distill.dynamic_every == 0):

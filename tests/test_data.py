@@ -50,7 +50,8 @@ def test_cifar_pickles_have_the_cifar100_layout(demo):
             raw = pickle.load(f, encoding="bytes")
         assert set(raw) == {b"data", b"fine_labels", b"coarse_labels", b"filenames", b"batch_label"}
         assert raw[b"data"].dtype == np.uint8 and raw[b"data"].shape == (100 * per_class, 3072)
-        assert all(isinstance(n, bytes) for n in raw[b"filenames"]) and isinstance(raw[b"batch_label"], bytes)
+        assert isinstance(raw[b"batch_label"], bytes)
+        assert all(isinstance(n, bytes) for n in raw[b"filenames"])
         with open(folder / split, "rb") as f:  # as torchvision reads it
             entry = pickle.load(f, encoding="latin1")
         assert set(entry) == {"data", "fine_labels", "coarse_labels", "filenames", "batch_label"}
@@ -72,12 +73,14 @@ def test_cifar_is_read_by_torchvision(demo):
     assert image.size == (32, 32) and image.mode == "RGB" and 0 <= label < 100
     test = build_dataset("cifar100", demo["cifar100"], "test")
     x, y = test[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and len(test) == 100 * TINY.cifar_test_per_class
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert len(test) == 100 * TINY.cifar_test_per_class
     assert num_classes("cifar100", demo["cifar100"]) == 100
 
 
 def test_imagenet_is_an_image_folder(demo):
-    for split, per_class in (("train", TINY.imagenet_train_per_class), ("val", TINY.imagenet_val_per_class)):
+    splits = (("train", TINY.imagenet_train_per_class), ("val", TINY.imagenet_val_per_class))
+    for split, per_class in splits:
         folder = ImageFolder(str(demo["imagenet"] / split))
         assert len(folder.classes) == TINY.imagenet_classes and folder.classes[0] == "n00000000"
         assert len(folder) == TINY.imagenet_classes * per_class
@@ -118,10 +121,11 @@ def test_coco_is_read_by_cocodetection_and_pycocotools(demo):
 
 def test_same_seed_same_bytes_different_seed_different(tmp_path):
     a = write_demo_data(tmp_path / "a", seed=3, sizes=TINY, progress=False)
-    b = write_demo_data(tmp_path / "b", seed=3, sizes=TINY, progress=False)
+    write_demo_data(tmp_path / "b", seed=3, sizes=TINY, progress=False)
     c = write_demo_data(tmp_path / "c", seed=4, sizes=TINY, progress=False)
     assert _files(tmp_path / "a") == _files(tmp_path / "b")
-    for kind, name in (("cifar100", "cifar-100-python/train"), ("imagenet", "val"), ("coco", "annotations")):
+    parts = (("cifar100", "cifar-100-python/train"), ("imagenet", "val"), ("coco", "annotations"))
+    for kind, name in parts:
         path_a, path_c = a[kind] / name, c[kind] / name
         files_a = _files(path_a) if path_a.is_dir() else {"": path_a.read_bytes()}
         files_c = _files(path_c) if path_c.is_dir() else {"": path_c.read_bytes()}
@@ -212,7 +216,9 @@ def test_augmentation_distribution_matches_random_crop_and_flip():
     images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     images[:, 0] = rows[:, None]  # channel 0 encodes the row, channel 1 the column
     images[:, 1] = rows[None, :]
-    loader = TensorDataLoader(images, torch.zeros(n), batch_size=n, mean=(0, 0, 0), std=(1, 1, 1), seed=1)
+    loader = TensorDataLoader(
+        images, torch.zeros(n), batch_size=n, mean=(0, 0, 0), std=(1, 1, 1), seed=1
+    )
     x, _ = next(iter(loader))
     pixels = torch.round(x * 255).long()
     top = pixels[:, 0, 16, 16] - 1 - 12
@@ -258,10 +264,13 @@ def test_distributed_shards_are_disjoint_and_cover_the_epoch(world_size):
     n = 1000
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    single = {int(i): x for xs, ys in TensorDataLoader(images, torch.arange(n), batch_size=100) for x, i in zip(xs, ys)}
+    whole = TensorDataLoader(images, torch.arange(n), batch_size=100)
+    single = {int(i): x for xs, ys in whole for x, i in zip(xs, ys)}
     shards = []
     for rank in range(world_size):
-        loader = TensorDataLoader(images, torch.arange(n), batch_size=100, rank=rank, world_size=world_size)
+        loader = TensorDataLoader(
+            images, torch.arange(n), batch_size=100, rank=rank, world_size=world_size
+        )
         seen = []
         for xs, ys in loader:
             seen += ys.tolist()
@@ -276,8 +285,13 @@ def test_distributed_shards_are_disjoint_and_cover_the_epoch(world_size):
 def test_loader_rejects_bad_input():
     with pytest.raises(KcdError, match="uint8"):
         TensorDataLoader(torch.zeros(4, 3, 8, 8), torch.zeros(4))
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(KcdError, match="rank"):
-        TensorDataLoader(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4), rank=2, world_size=2)
+        TensorDataLoader(images, torch.zeros(4), rank=2, world_size=2)
+    with pytest.raises(KcdError, match="no batch"):
+        TensorDataLoader(images, torch.zeros(4), batch_size=8, drop_last=True)
+    with pytest.raises(KcdError, match="4 images and 3 labels"):
+        TensorDataLoader(images, torch.zeros(3))
 
 
 def test_normalisation_constants_are_shared():
@@ -292,7 +306,7 @@ def test_normalisation_constants_are_shared():
 
 def test_missing_root(tmp_path):
     for name in ("cifar100", "imagenet", "coco"):
-        with pytest.raises(KcdError, match=f"does not exist.*data.{name}.root"):
+        with pytest.raises(KcdError, match=f"does not exist.*datasets.{name}.root"):
             build_dataset(name, tmp_path / "nope", "train")
     with pytest.raises(KcdError, match="unknown dataset"):
         build_dataset("mnist", tmp_path, "train")

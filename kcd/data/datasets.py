@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import pickle
 from pathlib import Path
@@ -40,7 +39,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_IMAGE_SIZE = 224
 
-DatasetBuilder = Callable[[Path, str, bool, "int | None", bool], Dataset]
+DatasetBuilder = Callable[[Path, str, bool, int | None, bool], Dataset]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
@@ -61,9 +60,10 @@ def build_dataset(
     """
     builder = DATASETS.get(name)
     root = Path(root)
-    if not root.is_dir() and not (download and name == "cifar100"):
+    if not root.is_dir() and not download:
         raise KcdError(
-            f"dataset root {root} does not exist; run `kcd demo-data` or set data.{name}.root in the config"
+            f"dataset root {root} does not exist; run `kcd demo-data` "
+            f"or set datasets.{name}.root in the config"
         )
     if train_transform is None:
         train_transform = split == "train"
@@ -104,7 +104,8 @@ class LocalCIFAR100(CIFAR100):
 
     def _check_integrity(self) -> bool:
         folder = os.path.join(self.root, self.base_folder)
-        return all(os.path.isfile(os.path.join(folder, name)) for name, _ in self.train_list + self.test_list)
+        names = [name for name, _md5 in self.train_list + self.test_list]
+        return all(os.path.isfile(os.path.join(folder, name)) for name in names)
 
     def _load_meta(self) -> None:
         path = os.path.join(self.root, self.base_folder, self.meta["filename"])
@@ -123,7 +124,10 @@ def cifar100_transform(train: bool) -> T.Compose:
 
 
 @DATASETS.register("cifar100")
-def _cifar100(root: Path, split: str, train_transform: bool, image_size: int | None, download: bool) -> LocalCIFAR100:
+def _cifar100(
+    root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
+) -> LocalCIFAR100:
+    """CIFAR-100 train or test split (``val`` means ``test``); ``image_size`` does not apply."""
     _check_split("cifar100", split, ("train", "test", "val"))
     folder = root / LocalCIFAR100.base_folder
     if not download:
@@ -131,13 +135,19 @@ def _cifar100(root: Path, split: str, train_transform: bool, image_size: int | N
         if missing:
             raise KcdError(
                 f"{root} is not a CIFAR-100 root: {folder}/{missing[0]} is missing; point "
-                "data.cifar100.root at the folder containing cifar-100-python/ or run `kcd demo-data`"
+                "datasets.cifar100.root at the folder containing cifar-100-python/ "
+                "or run `kcd demo-data`"
             )
     try:
         dataset = LocalCIFAR100(
-            str(root), train=split == "train", transform=cifar100_transform(train_transform), download=download
+            str(root),
+            train=split == "train",
+            transform=cifar100_transform(train_transform),
+            download=download,
         )
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (
+        pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, IndexError
+    ) as e:
         raise KcdError(
             f"{folder} does not hold CIFAR-100 python pickles ({type(e).__name__}: {e}); "
             "replace it with the real cifar-100-python/ folder or rerun `kcd demo-data`"
@@ -171,15 +181,20 @@ def _class_folders(folder: Path) -> list[str]:
 
 
 @DATASETS.register("imagenet")
-def _imagenet(root: Path, split: str, train_transform: bool, image_size: int | None, download: bool) -> ImageFolder:
+def _imagenet(
+    root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
+) -> ImageFolder:
+    """An ImageNet-style ``ImageFolder`` split; ``image_size`` defaults to 224."""
     _check_split("imagenet", split, ("train", "val"))
     if download:
-        raise KcdError("ImageNet cannot be downloaded automatically; set data.imagenet.download to false")
+        raise KcdError(
+            "ImageNet cannot be downloaded automatically; set datasets.imagenet.download to false"
+        )
     train_classes, split_classes = _class_folders(root / "train"), _class_folders(root / split)
     if not train_classes or not split_classes:
         raise KcdError(
-            f"{root} is not an ImageNet root: expected class folders in {root}/train/ and {root}/val/; "
-            "set data.imagenet.root to such a folder or run `kcd demo-data`"
+            f"{root} is not an ImageNet root: expected class folders in {root}/train/ and "
+            f"{root}/val/; set datasets.imagenet.root to such a folder or run `kcd demo-data`"
         )
     if split_classes != train_classes:
         raise KcdError(
@@ -187,7 +202,8 @@ def _imagenet(root: Path, split: str, train_transform: bool, image_size: int | N
             f"{len(train_classes)} different ones; both splits need the same class folders"
         )
     try:
-        return ImageFolder(str(root / split), transform=imagenet_transform(train_transform, image_size or IMAGENET_IMAGE_SIZE))
+        transform = imagenet_transform(train_transform, image_size or IMAGENET_IMAGE_SIZE)
+        return ImageFolder(str(root / split), transform=transform)
     except FileNotFoundError as e:
         raise KcdError(f"{root}/{split} is not an image folder tree: {e}".rstrip()) from None
 
@@ -203,9 +219,14 @@ class CheckedCocoDetection(CocoDetection):
     missing from ``root``. pycocotools' progress prints are silenced.
     """
 
-    def __init__(self, root: str | os.PathLike, ann_file: str | os.PathLike, transforms: Callable | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, ann_file: str | os.PathLike, transforms: Callable | None = None
+    ) -> None:
         if not os.path.isfile(ann_file):
-            raise KcdError(f"COCO annotation file {ann_file} does not exist; run `kcd demo-data` or fix data.coco.root")
+            raise KcdError(
+                f"COCO annotation file {ann_file} does not exist; "
+                "run `kcd demo-data` or fix datasets.coco.root"
+            )
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 super().__init__(str(root), str(ann_file), transforms=transforms)
@@ -213,11 +234,13 @@ class CheckedCocoDetection(CocoDetection):
             raise KcdError(f"COCO annotation file {ann_file} is not JSON ({e}); replace it") from None
         except AssertionError:  # pycocotools asserts that the top level is an object
             raise KcdError(
-                f"COCO annotation file {ann_file} is not a COCO detection file (its top level is not an object)"
+                f"COCO annotation file {ann_file} is not a COCO detection file "
+                "(its top level is not an object)"
             ) from None
         except (KeyError, TypeError) as e:
             raise KcdError(
-                f"COCO annotation file {ann_file} is not a COCO detection file (bad entry: {type(e).__name__} {e})"
+                f"COCO annotation file {ann_file} is not a COCO detection file "
+                f"(bad entry: {type(e).__name__} {e})"
             ) from None
         self._check(Path(root), Path(ann_file))
 
@@ -231,13 +254,18 @@ class CheckedCocoDetection(CocoDetection):
         for ann in self.coco.dataset["annotations"]:
             if ann.get("category_id") not in categories:
                 raise KcdError(
-                    f"{ann_file}: annotation {ann.get('id')} has category_id {ann.get('category_id')!r}, "
-                    f"which is not among the categories {sorted(categories)}"
+                    f"{ann_file}: annotation {ann.get('id')} has category_id "
+                    f"{ann.get('category_id')!r}, which is not among the categories {sorted(categories)}"
                 )
             if ann.get("image_id") not in images:
-                raise KcdError(f"{ann_file}: annotation {ann.get('id')} refers to unknown image_id {ann.get('image_id')!r}")
+                raise KcdError(
+                    f"{ann_file}: annotation {ann.get('id')} refers to unknown image_id "
+                    f"{ann.get('image_id')!r}"
+                )
             if len(ann.get("bbox", ())) != 4:
-                raise KcdError(f"{ann_file}: annotation {ann.get('id')} needs a bbox [x, y, width, height]")
+                raise KcdError(
+                    f"{ann_file}: annotation {ann.get('id')} needs a bbox [x, y, width, height]"
+                )
         on_disk = set(os.listdir(root)) if root.is_dir() else set()
         for image in self.coco.dataset["images"]:
             if image.get("file_name") not in on_disk:
@@ -247,7 +275,9 @@ class CheckedCocoDetection(CocoDetection):
                 )
 
 
-def coco_target_to_tensors(annotations: list[dict[str, Any]], image_id: int) -> dict[str, torch.Tensor]:
+def coco_target_to_tensors(
+    annotations: list[dict[str, Any]], image_id: int
+) -> dict[str, torch.Tensor]:
     """Convert COCO annotations of one image into a torchvision detection target.
 
     Returns ``boxes`` (float, ``[x0, y0, x1, y1]``), ``labels`` (long, the COCO ``category_id``:
@@ -265,17 +295,21 @@ def coco_target_to_tensors(annotations: list[dict[str, Any]], image_id: int) -> 
 
 
 @DATASETS.register("coco")
-def _coco(root: Path, split: str, train_transform: bool, image_size: int | None, download: bool) -> CheckedCocoDetection:
+def _coco(
+    root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
+) -> CheckedCocoDetection:
     """COCO 2017 detection: raw (PIL image, annotations) pairs; augmentation and resizing belong
     to the detector, so ``train_transform`` and ``image_size`` do not apply."""
     _check_split("coco", split, ("train", "val"))
     if download:
-        raise KcdError("COCO cannot be downloaded automatically; set data.coco.download to false")
+        raise KcdError(
+            "COCO cannot be downloaded automatically; set datasets.coco.download to false"
+        )
     image_dir = root / f"{split}2017"
     ann_file = root / "annotations" / f"instances_{split}2017.json"
     if not image_dir.is_dir():
         raise KcdError(
-            f"{root} is not a COCO root: {image_dir} is missing; set data.coco.root to the folder "
-            "holding train2017/, val2017/ and annotations/, or run `kcd demo-data`"
+            f"{root} is not a COCO root: {image_dir} is missing; set datasets.coco.root to the "
+            "folder holding train2017/, val2017/ and annotations/, or run `kcd demo-data`"
         )
     return CheckedCocoDetection(image_dir, ann_file)

@@ -17,9 +17,12 @@ end without downloading anything:
 
 Classification images follow one recipe: each superclass owns a smooth random colour pattern, each
 class adds its own smooth deviation, and every sample is a random crop of its class pattern
-(shifted by up to 1/8 of the image side), possibly mirrored, with a per-sample smooth nuisance
-pattern, contrast/brightness jitter and pixel noise. Classes of one superclass are easily confused,
-so a larger network clearly beats a smaller one while nothing is trivially separable.
+(shifted by up to 3/16 of the image side each way, +-6 px at 32x32), possibly mirrored, with a
+per-sample smooth nuisance pattern, contrast/brightness jitter and pixel noise. Classes of one
+superclass are easily confused and the shifts defeat template matching: on the default demo
+CIFAR-100 a nearest-class-mean classifier on 8x8-pooled pixels gets about 53% (chance 1%), while
+after 3 epochs on 10k images (flip augmentation, one-cycle SGD) a ResNet-20 reaches about 80% and a
+half-width ResNet-20 about 59%.
 
 Everything is a pure function of the seed and :class:`DemoSizes`: the same seed writes
 byte-identical files (given the same numpy/Pillow builds). Each dataset is written into a
@@ -58,13 +61,13 @@ CIFAR_SIZE = 32
 
 # Recipe of the classification images (units: standard deviations of a unit pattern).
 MAX_FREQUENCY = 3  # highest spatial frequency of a pattern, in cycles per canvas
-CANVAS_MARGIN = 0.25  # class patterns are this fraction of the image side larger: the crop range
+CANVAS_MARGIN = 0.375  # class patterns are this fraction of the image side larger: the crop range
 CLASS_DEVIATION = 0.75  # size of a class's own pattern next to its superclass pattern
 NUISANCE = 0.6  # size of the per-sample smooth pattern
 NOISE = 0.35  # per-pixel Gaussian noise
 CONTRAST = (0.6, 1.4)  # uniform range of the per-sample contrast factor
 BRIGHTNESS = 0.3  # standard deviation of the per-sample, per-channel brightness shift
-PIXEL_SCALE = 48.0  # grey levels per unit: pixel = 128 + PIXEL_SCALE * value
+PIXEL_SCALE = 36.0  # grey levels per unit: pixel = 128 + PIXEL_SCALE * value
 
 COCO_SHAPES = ("rectangle", "circle", "triangle", "diamond", "cross")
 COCO_COLOURS = ((220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 30), (180, 60, 200))
@@ -251,7 +254,7 @@ def _render(
 ) -> Iterable[np.ndarray]:
     """Yield uint8 images ``(n, size, size, 3)`` of the given labels, ``chunk`` at a time.
 
-    Each image is a random ``size`` crop of its class pattern (the canvas is 1/4 larger), mirrored
+    Each image is a random ``size`` crop of its class pattern (on a larger canvas), mirrored
     with probability 1/2, plus a smooth nuisance pattern, contrast/brightness jitter and noise.
     """
     canvas = patterns.shape[-1]
@@ -317,7 +320,10 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
     patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + round(CANVAS_MARGIN * CIFAR_SIZE))
     fine_names = [f"class_{i:02d}" for i in range(CIFAR_FINE_CLASSES)]
     coarse_names = [f"superclass_{i:02d}" for i in range(CIFAR_COARSE_CLASSES)]
-    splits = (("train", sizes.cifar_train_per_class, "training"), ("test", sizes.cifar_test_per_class, "testing"))
+    splits = (
+        ("train", sizes.cifar_train_per_class, "training"),
+        ("test", sizes.cifar_test_per_class, "testing"),
+    )
     total = CIFAR_FINE_CLASSES * (sizes.cifar_train_per_class + sizes.cifar_test_per_class)
     with tqdm(total=total, desc="demo cifar100", unit="img", disable=not progress) as bar:
         for split, per_class, batch_name in splits:
@@ -327,9 +333,10 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
             for images in _render(split_rng, patterns, labels, CIFAR_SIZE):
                 chunks.append(images.transpose(0, 3, 1, 2).reshape(len(images), -1))  # R, G, B planes
                 bar.update(len(images))
+            filenames = [f"{fine_names[y]}_s_{i:06d}.png".encode() for i, y in enumerate(labels)]
             _dump_python2(
                 {
-                    b"filenames": [f"{fine_names[y]}_s_{i:06d}.png".encode() for i, y in enumerate(labels)],
+                    b"filenames": filenames,
                     b"batch_label": f"{batch_name} batch 1 of 1".encode(),
                     b"fine_labels": labels.tolist(),
                     b"coarse_labels": superclass_of[labels].tolist(),
@@ -377,7 +384,7 @@ def _write_imagenet(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
 
 
 def _shape_mask(shape: str, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-    """A boolean ``size`` x ``size`` mask of one filled ``shape`` inscribed in ``box`` (x0, y0, x1, y1)."""
+    """A boolean ``size`` x ``size`` mask of a filled ``shape`` inscribed in ``box`` (x0, y0, x1, y1)."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     x0, y0, x1, y1 = box
@@ -398,7 +405,8 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int], size: int) -> np.nda
 
 
 def _place_boxes(rng: np.random.Generator, count: int, size: int) -> list[tuple[int, int, int, int]]:
-    """Up to ``count`` non-overlapping boxes (x0, y0, x1, y1 inclusive) with sides 15-40% of the image."""
+    """Up to ``count`` boxes (x0, y0, x1, y1 inclusive) with sides 15-40% of the image, at least one
+    pixel apart, so that every drawn shape stays fully visible and its box tight."""
     boxes: list[tuple[int, int, int, int]] = []
     for _ in range(20 * count):
         if len(boxes) == count:
@@ -406,7 +414,11 @@ def _place_boxes(rng: np.random.Generator, count: int, size: int) -> list[tuple[
         w, h = rng.integers(int(0.15 * size), int(0.4 * size) + 1, size=2)
         x0, y0 = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
         box = (x0, y0, x0 + int(w) - 1, y0 + int(h) - 1)
-        if all(box[0] > b[2] + 1 or b[0] > box[2] + 1 or box[1] > b[3] + 1 or b[1] > box[3] + 1 for b in boxes):
+        apart = (
+            box[0] > b[2] + 1 or b[0] > box[2] + 1 or box[1] > b[3] + 1 or b[1] > box[3] + 1
+            for b in boxes
+        )
+        if all(apart):
             boxes.append(box)
     return boxes
 
@@ -466,7 +478,7 @@ def _write_coco(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> None:
                     )
                 bar.update(1)
             document = {
-                "info": {"description": "kcd synthetic demo data (shapes)", "version": str(FORMAT_VERSION)},
+                "info": {"description": "kcd synthetic demo data", "version": str(FORMAT_VERSION)},
                 "licenses": [],
                 "images": images,
                 "annotations": annotations,

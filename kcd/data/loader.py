@@ -24,7 +24,9 @@ from kcd.data.datasets import CIFAR100_MEAN, CIFAR100_STD, CIFAR_PADDING
 from kcd.errors import KcdError
 
 
-def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int
+) -> torch.Tensor:
     """Zero-pad ``images`` (``B x C x H x W``) by ``padding``, crop ``H x W`` at per-sample
     ``offsets`` (``B x 2``: top, left in ``0..2*padding``) and mirror where ``flips`` is true.
 
@@ -84,9 +86,15 @@ class TensorDataLoader:
     ) -> None:
         labels = torch.as_tensor(labels, dtype=torch.int64)
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise KcdError(f"TensorDataLoader needs uint8 images N x 3 x H x W, got {images.dtype} {tuple(images.shape)}")
+            raise KcdError(
+                f"TensorDataLoader needs uint8 images N x 3 x H x W, got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
         if len(labels) != len(images) or len(images) == 0:
-            raise KcdError(f"TensorDataLoader got {len(images)} images and {len(labels)} labels; need as many, at least one")
+            raise KcdError(
+                f"TensorDataLoader got {len(images)} images and {len(labels)} labels; "
+                "it needs as many of each, at least one"
+            )
         if batch_size < 1:
             raise KcdError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -94,12 +102,18 @@ class TensorDataLoader:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        self.batch_size, self.shuffle, self.drop_last, self.augment = batch_size, shuffle, drop_last, augment
-        self.seed, self.padding, self.channels_last = seed, padding, channels_last
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment, self.padding, self.seed = augment, padding, seed
+        self.channels_last = channels_last
         self.rank, self.world_size = rank, world_size
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.num_samples = math.ceil(len(images) / world_size)  # per rank
+        if len(self) == 0:
+            raise KcdError(
+                f"batch_size {batch_size} with drop_last leaves no batch of the {self.num_samples} "
+                "samples per rank; lower the batch size or set drop_last to false"
+            )
         self.epoch = 0
         self.position = 0  # batches of the current epoch already handed out
 
