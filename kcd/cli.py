@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +31,7 @@ def _config(args: argparse.Namespace) -> dict:
 
 def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: dict,
              tags: dict):
-    if args.no_track:
+    if args.no_track or int(os.environ.get("RANK", "0")) != 0:  # one MLflow run per job
         return nullcontext(None)
     from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
 
@@ -127,7 +128,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     def resolve():
         _need(args, "dataset", "arch", "seed", "theta0", "out")
         return train_spec(_config(args), dataset=args.dataset, arch=args.arch, seed=args.seed,
-                          theta0=args.theta0, out_dir=args.out)
+                          theta0=args.theta0, out_dir=args.out, save_anchors=args.save_anchors)
 
     _train(args, _spec(args, TrainSpec, resolve))
 
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--theta0")
     p.add_argument("--out", help="run folder (final.pt, result.json, anchors/)")
+    p.add_argument("--save-anchors", action="store_true",
+                   help="also save RCO's anchor checkpoints (for a teacher)")
     _tracked(p)
 
     p = add("distill", cmd_distill, "distil a teacher into a student re-initialised from its "
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except KcdError as e:
+    except (KcdError, OSError) as e:
         print(f"kcd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

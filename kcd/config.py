@@ -99,6 +99,18 @@ def validate_config(cfg: dict) -> dict:
                                f"known: {', '.join(LOSSES.names())}")
     from kcd.tables import COMPARISON_ROWS
 
+    for name, m in cfg.get("methods", {}).items():
+        accepted = LOSSES.get(name).default_options
+        for opt in m.get("options", {}):
+            if opt not in accepted:
+                raise KcdError(f"config key methods.{name}.options.{opt}: unknown option; "
+                               f"accepted: {', '.join(accepted) or 'none'}")
+    kcd_metric = cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]
+    metrics = cfg.get("statistics", {}).get("metrics", ["correlation"])
+    if kcd_metric not in metrics:
+        raise KcdError(f"config key kcd_transform: its metric '{kcd_metric}' is not among "
+                       f"statistics.metrics ({', '.join(metrics)})")
+
     for name, table in cfg.get("tables", {}).items():
         if table.get("dataset") not in cfg.get("datasets", {}):
             raise KcdError(f"config key tables.{name}.dataset: '{table.get('dataset')}' is not "
@@ -136,7 +148,7 @@ def dataset_config(cfg: dict, dataset: str) -> dict:
 
 def data_spec(cfg: dict, dataset: str) -> DataSpec:
     """The :class:`DataSpec` of ``dataset`` (root, image size, loader)."""
-    d = {k: v for k, v in dataset_config(cfg, dataset).items() if k not in ("num_classes", "download")}
+    d = {k: v for k, v in dataset_config(cfg, dataset).items() if k != "num_classes"}
     return from_dict(DataSpec, {"name": dataset, **d}, f"datasets.{dataset}")
 
 
@@ -196,10 +208,14 @@ def train_spec(
     teacher_weights: str | None = None,
     transforms: list[str | None] | None = None,
     anchors: list[str] | None = None,
+    save_anchors: bool = False,
     tags: dict | None = None,
     **distill_extra: Any,
 ) -> TrainSpec:
-    """The :class:`TrainSpec` of a pre-training (``method`` None) or distillation run."""
+    """The :class:`TrainSpec` of a pre-training (``method`` None) or distillation run.
+
+    ``save_anchors``: a teacher's pre-training also saves RCO's anchor checkpoints.
+    """
 
     _known_model(arch, "arch")
     distill = None
@@ -228,7 +244,8 @@ def train_spec(
         "data": data_spec(cfg, dataset).__dict__,
         "recipe": recipe(cfg, dataset, arch).__dict__,
         "distill": distill,
-        "anchor_iterations": anchor_iterations(cfg, dataset, arch) if method is None else [],
+        "anchor_iterations": (anchor_iterations(cfg, dataset, arch)
+                              if method is None and save_anchors else []),
         "tags": {"dataset": dataset, "student": arch, "seed": seed,
                  "method": method or "pretrain", **(tags or {})},
     }

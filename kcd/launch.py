@@ -39,8 +39,11 @@ class KcdJob(Checkpointable):
     """The function a job runs: ``kcd.cli.main(argv)`` in the job's process."""
 
     def __call__(self, argv: list[str], threads: int) -> int:
-        env = submitit.JobEnvironment()
-        if env.num_tasks > 1:
+        try:
+            tasks = submitit.JobEnvironment().num_tasks
+        except RuntimeError:  # the debug launcher runs in this process, outside any job
+            tasks = 1
+        if tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
@@ -60,7 +63,7 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
     params = {
         "name": args.name,
         "timeout_min": args.time_min,
-        "mem_gb": max(1, args.mem_mb // 1024),
+        "mem_gb": max(1, -(-args.mem_mb // 1024)),
         "cpus_per_task": args.cpus,
         "gpus_per_node": args.gpus,
         "tasks_per_node": args.tasks,
@@ -73,7 +76,10 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
             if value:
                 params[f"slurm_{key}"] = value
         if args.slurm_extra:
-            params["slurm_additional_parameters"] = json.loads(args.slurm_extra)
+            try:
+                params["slurm_additional_parameters"] = json.loads(args.slurm_extra)
+            except ValueError:
+                raise SystemExit(f"kcd.launch: error: --slurm-extra is not JSON: {args.slurm_extra}")
     executor.update_parameters(**params)
     return executor
 

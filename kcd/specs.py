@@ -25,6 +25,7 @@ class DataSpec:
     fast_loader: bool = True  # tensor-resident batches when the split fits in memory
     workers: int = 0  # DataLoader workers for the standard (PIL) path
     eval_limit: int | None = None  # evaluate on the first N evaluation images only
+    download: bool = False  # let torchvision fetch CIFAR-100 into root (cluster use)
 
 
 @dataclass

@@ -20,6 +20,8 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -103,8 +105,9 @@ def _distributed() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size()
 
 
@@ -133,8 +136,15 @@ class _Distillation:
         self.teacher = load_model(d.teacher, d.teacher_weights, spec.num_classes, "teacher weights")
         self.teacher.to(device).eval().requires_grad_(False)
         if d.anchors:
+            missing = [a for a in d.anchors if not os.path.isfile(a)]
+            if missing:
+                raise KcdError(f"RCO anchor {missing[0]} does not exist; the teacher's "
+                               "pre-training writes its anchors (methods.rco.anchors)")
             self.schedule = AnchorSchedule(len(d.anchors), spec.recipe.iterations)
         if not method.uses_features:
+            if any(d.transforms):
+                raise KcdError(f"method '{d.method}' distils logits only; a channel transform "
+                               "has nothing to apply to (use transform 'none')")
             self.losses.append(build_loss(d.method, [], [], None, weight=d.weight, **d.options))
             return
         layers = d.layers or [
@@ -159,7 +169,7 @@ class _Distillation:
             transform = None
             if path:
                 transform = load_transform(path)
-                _check_transform(transform, path, spec.arch, s_layer, c_t, c_s)
+                _check_transform(transform, path, spec.arch, d.teacher, s_layer, c_t, c_s)
                 transform.to(device).eval().requires_grad_(False)
             self.transforms.append(transform)
             self.losses.append(
@@ -201,7 +211,10 @@ class _Distillation:
             if stats is None or stats.n < 2:
                 continue
             new = match(stats.matrix(self.spec.dynamic_metric), self.spec.dynamic_strategy)
-            self.transforms[i].index.copy_(new.to(self.transforms[i].index.device))
+            index = self.transforms[i].index
+            index.copy_(new.to(index.device))
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast(index, src=0)  # every rank follows rank 0's match
             self.dynamic[i] = ConsistencyStatistics(stats.c_t, stats.c_s,
                                                     metrics=[self.spec.dynamic_metric])
 
@@ -227,11 +240,14 @@ def _input_size(spec: TrainSpec) -> int:
     return spec.data.image_size or model_spec(spec.arch).input_size
 
 
-def _check_transform(t: nn.Module, path: str, arch: str, layer: str, c_t: int, c_s: int) -> None:
+def _check_transform(t: nn.Module, path: str, arch: str, teacher: str, layer: str, c_t: int,
+                     c_s: int) -> None:
     meta = getattr(t, "meta", {}) or {}
     student = meta.get("student")
     if student and student != arch:
         raise KcdError(f"transform {path} was made for student {student}, not {arch}")
+    if meta.get("teacher") and teacher and meta["teacher"] != teacher:
+        raise KcdError(f"transform {path} was made for teacher {meta['teacher']}, not {teacher}")
     if t.c_t != c_t or t.c_s != c_s:
         raise KcdError(
             f"transform {path} maps {t.c_t}->{t.c_s} channels but the pair at student layer "
@@ -268,7 +284,9 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
     model: nn.Module = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[local_rank] if device.type == "cuda" else None
+            student, device_ids=[local_rank] if device.type == "cuda" else None,
+            # AB's initialisation stage leaves the classifier out of the loss
+            find_unused_parameters=bool(spec.distill and spec.distill.init_iterations),
         )
     params = list(student.parameters())
     if distill is not None:
@@ -291,10 +309,12 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
 
     step = 0
     ckpt_path = out / CHECKPOINT
+    fingerprint = _fingerprint(spec)
     if ckpt_path.exists():
         state = load_file(ckpt_path, "checkpoint")
-        if state.get("arch") != spec.arch or state.get("total_steps") != total_steps:
-            raise KcdError(f"checkpoint {ckpt_path} belongs to another run; delete it to restart")
+        if state.get("spec_hash") != fingerprint:
+            raise KcdError(f"checkpoint {ckpt_path} belongs to another version of this run "
+                           "(its spec changed); delete it to start over")
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -359,7 +379,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
             n_logged += 1
             if n_logged >= r.log_every or step == total_steps:
                 metrics = {f"train/{k}": float(v) / n_logged for k, v in logged.items()}
-                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+                metrics["train/lr"] = opt.param_groups[0]["lr"]
                 if rank == 0:
                     tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
@@ -372,8 +392,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
             if rank == 0 and step % every == 0 and step < total_steps:
                 atomic_save(
                     {
-                        "arch": spec.arch,
-                        "total_steps": total_steps,
+                        "spec_hash": fingerprint,
                         "step": step,
                         "model": student.state_dict(),
                         "optimizer": optimizer.state_dict(),
@@ -387,6 +406,11 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                 )
     bar.close()
     train_seconds = time.time() - started
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     _save_model(student, spec, out / FINAL, r.iterations)
@@ -489,6 +513,16 @@ def _save_model(model: nn.Module, spec: TrainSpec, path: Path, iterations: int) 
         },
         path,
     )
+
+
+def _fingerprint(spec: TrainSpec) -> str:
+    """A hash of everything in the spec that shapes the run (not logging or evaluation)."""
+    d = to_dict(spec)
+    for key in ("log_every", "checkpoint_every", "eval_batch_size"):
+        d["recipe"].pop(key, None)
+    d["data"].pop("workers", None)
+    d.pop("tags", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _tty() -> bool:

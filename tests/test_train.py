@@ -21,12 +21,13 @@ from kcd.train import CHECKPOINT, FINAL, RESULT, init_weights, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _pretrain(cfg, tmp_path, arch, seed=0, name=None):
+def _pretrain(cfg, tmp_path, arch, seed=0, name=None, save_anchors=False):
     theta0 = tmp_path / f"{arch}-s{seed}.pt"
     if not theta0.exists():
         init_weights(arch, seed, 100, theta0)
     spec = train_spec(cfg, dataset="cifar100", arch=arch, seed=seed, theta0=str(theta0),
-                      out_dir=str(tmp_path / (name or f"{arch}-s{seed}")))
+                      out_dir=str(tmp_path / (name or f"{arch}-s{seed}")),
+                      save_anchors=save_anchors)
     return theta0, spec, train(spec, progress=False)
 
 
@@ -59,7 +60,7 @@ def test_same_theta0_same_start_and_distill_reloads_it(tiny_cfg, tmp_path):
 
 def test_pretrain_writes_result_final_and_anchors(tiny_cfg, tmp_path):
     cfg, _ = tiny_cfg
-    _, spec, result = _pretrain(cfg, tmp_path, "resnet20_0.5x")
+    _, spec, result = _pretrain(cfg, tmp_path, "resnet20_0.5x", save_anchors=True)
     out = Path(spec.out_dir)
     assert (out / FINAL).exists() and (out / RESULT).exists()
     assert not (out / CHECKPOINT).exists()
@@ -78,7 +79,7 @@ def trained_pair(demo_root, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("pair")
     cfg = tiny_config(demo_root, tmp / "results")
-    _pretrain(cfg, tmp, "resnet20", name="teacher")
+    _pretrain(cfg, tmp, "resnet20", name="teacher", save_anchors=True)
     theta0, _, _ = _pretrain(cfg, tmp, "resnet20_0.5x", name="student")
     stats = tmp / "stats.pt"
     compute_statistics(statistics_spec(

@@ -79,7 +79,7 @@ class DemoSizes:
     """How much demo data to write; the defaults make the demo scale of the pipeline."""
 
     cifar_train_per_class: int = 100
-    cifar_test_per_class: int = 20
+    cifar_test_per_class: int = 10
     imagenet_classes: int = 10
     imagenet_train_per_class: int = 100
     imagenet_val_per_class: int = 20

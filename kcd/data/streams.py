@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from kcd.data.datasets import build_dataset
 from kcd.data.loader import TensorDataLoader
+from kcd.errors import KcdError
 from kcd.specs import DataSpec
 
 EVAL_SPLIT = "val"
@@ -93,9 +94,14 @@ class SampleStream:
             self.position = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "batch_size": self.batch_size,
+                "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        saved = (state.get("batch_size", self.batch_size), state.get("world_size", self.world_size))
+        if saved != (self.batch_size, self.world_size):
+            raise KcdError(f"cannot resume the batch stream: saved with batch_size, world_size = "
+                           f"{saved}, now {(self.batch_size, self.world_size)}")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
 
@@ -104,13 +110,14 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False):
     """The training stream of ``data``: the fast path when possible, else :class:`SampleStream`."""
     if data.fast_loader and data.name == "cifar100":
-        dataset = build_dataset(data.name, data.root, "train", train_transform=False)
+        dataset = build_dataset(data.name, data.root, "train", train_transform=False,
+                                download=data.download)
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=True,
                                            augment=True, seed=seed, rank=rank,
                                            world_size=world_size, drop_last=True,
                                            channels_last=channels_last)
     dataset = build_dataset(data.name, data.root, "train", train_transform=True,
-                            image_size=data.image_size)
+                            image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
                         workers=data.workers)
 

@@ -12,6 +12,11 @@ from kcd.specs import to_dict
 from kcd.tables import comparison_row, row_label
 from kcd.tracking import ensure_store, tracking_uri
 
+# `--config seeds=[0,1,2]` arrives as strings; seeds are integers.
+for _key in ("seeds",):
+    if isinstance(config.get(_key), list):
+        config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
+
 try:
     validate_config(config)
 except KcdError as e:
@@ -123,15 +128,18 @@ def data_input(ds):
 # --------------------------------------------------------------------------- jobs
 
 
-def resources_of(rule_name):
-    res = dict(config.get("resources", {}).get("default", {}))
-    res.update(config.get("resources", {}).get(rule_name, {}))
+def resources_of(rule_name, ds=None):
+    """A job's resources: `default`, then the dataset's entry, then the rule's."""
+    table = config.get("resources", {})
+    res = dict(table.get("default", {}))
+    res.update(table.get(ds, {}) if ds else {})
+    res.update(table.get(rule_name, {}))
     return res
 
 
-def launch(rule_name, name):
+def launch(rule_name, name, ds=None):
     """The `python -m kcd.launch ... --` prefix of a heavy rule's command."""
-    res = resources_of(rule_name)
+    res = resources_of(rule_name, ds)
     launcher = config.get("launcher", {})
     args = [PY, "-m", "kcd.launch", "--launcher", launcher.get("kind", "local"),
             "--name", f"kcd-{name}", "--log-dir", f"{LOGS}/jobs",
@@ -151,10 +159,15 @@ def spec_json(spec):
     return json.dumps(to_dict(spec), sort_keys=True)
 
 
+def teachers(ds):
+    return {t["teacher"] for t in config.get("tables", {}).values() if t["dataset"] == ds}
+
+
 def pretrain_spec(w):
     return spec_json(train_spec(
         config, dataset=w.ds, arch=w.arch, seed=int(w.seed),
-        theta0=theta0_path(w.ds, w.arch, w.seed), out_dir=model_dir(w.ds, w.arch, w.seed)))
+        theta0=theta0_path(w.ds, w.arch, w.seed), out_dir=model_dir(w.ds, w.arch, w.seed),
+        save_anchors=w.arch in teachers(w.ds)))
 
 
 def distill_transform(w):

@@ -14,10 +14,8 @@ rule distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
-        launch=lambda w: launch(
-            "distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}"
-        ),
-        gpus=lambda w: resources_of("distill").get("gpus", 0),
+        launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
+        gpus=lambda w: resources_of("distill", w.ds).get("gpus", 0),
     params:
         spec=distill_spec,
     shell:

@@ -8,7 +8,7 @@ rule init:
     log:
         log_path("{ds}", "init", "{arch}-s{seed}"),
     resources:
-        launch=lambda w: launch("init", f"init-{w.ds}-{w.arch}-s{w.seed}"),
+        launch=lambda w: launch("init", f"init-{w.ds}-{w.arch}-s{w.seed}", w.ds),
     params:
         classes=lambda w: config["datasets"][w.ds]["num_classes"],
     shell:

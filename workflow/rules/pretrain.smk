@@ -12,8 +12,8 @@ rule pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
-        launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}"),
-        gpus=lambda w: resources_of("pretrain").get("gpus", 0),
+        launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
+        gpus=lambda w: resources_of("pretrain", w.ds).get("gpus", 0),
     params:
         spec=pretrain_spec,
     shell:

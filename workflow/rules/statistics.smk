@@ -11,8 +11,8 @@ rule statistics:
     log:
         log_path("{ds}", "statistics", "{teacher}-s{tseed}__{student}-s{seed}"),
     resources:
-        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.student}-s{w.seed}"),
-        gpus=lambda w: resources_of("statistics").get("gpus", 0),
+        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.student}-s{w.seed}", w.ds),
+        gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
     params:
         spec=stats_spec,
     shell:
