@@ -325,6 +325,9 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
         stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         step = state["step"]
+        if rank == 0:
+            print(f"kcd: resuming {out} from its checkpoint at step {step} of {total_steps}",
+                  file=sys.stderr, flush=True)
 
     taps = ExitStack()
     s_tap = t_tap = None

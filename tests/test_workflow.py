@@ -121,3 +121,35 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "config key recipes.cifar100.default.lr" in run.stdout + run.stderr
     assert not (tmp_path / "results" / "cifar100").exists()
+
+
+def test_killed_run_resumes_from_its_checkpoint_after_rerun_incomplete(tmp_path):
+    import signal
+    import time
+
+    cfg = _config()
+    cfg["recipes"]["cifar100"]["default"].update(iterations=60, checkpoint_every=4)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/cifar100/models/resnet20_0.5x-s0/result.json"
+    run_dir = tmp_path / "results/cifar100/models/resnet20_0.5x-s0"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([*SNAKEMAKE, "-d", str(tmp_path), "--cores", "1", target],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run_dir / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    assert (run_dir / "checkpoint.pt").exists()
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole pipeline dies, as on a crashed node
+    proc.wait()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    for pid in leftovers.stdout.split():
+        os.kill(int(pid), signal.SIGKILL)
+    assert not (run_dir / "result.json").exists()
+    again = _snakemake(tmp_path, target, "--rerun-incomplete")
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (tmp_path / "results/logs/cifar100/pretrain/resnet20_0.5x-s0.log").read_text()
+    assert "resuming" in log and "from its checkpoint at step" in log
+    assert json.loads((run_dir / "result.json").read_text())["iterations"] == 60
