@@ -239,3 +239,27 @@ def test_bad_config_names_the_key(tiny_cfg):
         with pytest.raises(KcdError, match=f"config key {key}"):
             validate_config(bad)
     validate_config(cfg)
+
+
+def test_dynamic_transform_is_rematched_from_recorded_features(trained_pair, tmp_path):
+    """Table 5: with dynamic_every=E the transform is recomputed every E iterations."""
+    from kcd.transforms import load_transform
+
+    cfg, pair, theta0, transform, anchors = trained_pair
+    spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0, theta0=str(theta0),
+                      out_dir=str(tmp_path / "dyn"), method="l2", teacher="resnet20",
+                      teacher_weights=str(pair / "teacher" / FINAL), transforms=[str(transform)],
+                      dynamic_every=3)
+    calls = []
+    import kcd.train as engine
+
+    original = engine.match
+    engine.match = lambda m, strategy, seed=None: (calls.append(strategy), original(m, strategy))[1]
+    try:
+        result = train(spec, progress=False)
+    finally:
+        engine.match = original
+    assert calls == ["bipartite", "bipartite"]  # after iterations 3 and 6
+    assert result["feature_l2"] is not None
+    static = load_transform(transform)  # the file itself is never modified
+    assert static.index.numel() == 32
