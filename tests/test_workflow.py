@@ -147,6 +147,8 @@ def test_killed_run_resumes_from_its_checkpoint_after_rerun_incomplete(tmp_path)
     for pid in leftovers.stdout.split():
         os.kill(int(pid), signal.SIGKILL)
     assert not (run_dir / "result.json").exists()
+    # a killed snakemake leaves its lock: unlock, then rerun the incomplete job
+    assert _snakemake(tmp_path, target, "--unlock").returncode == 0
     again = _snakemake(tmp_path, target, "--rerun-incomplete")
     assert again.returncode == 0, again.stderr[-3000:]
     log = (tmp_path / "results/logs/cifar100/pretrain/resnet20_0.5x-s0.log").read_text()
