@@ -11,7 +11,8 @@ submitit's local executor, so a laptop exercises the same code path as the clust
 submits it with sbatch (GPUs, tasks, CPUs, memory, time and the cluster settings mapped to
 submitit parameters); ``debug`` runs it in this process. The job's own log is copied to this
 process's output, so the rule's log holds it; a failed job fails the rule with the tail of
-that log. SIGINT/SIGTERM cancel the job (``scancel`` on SLURM), leaving no orphans.
+that log. SIGINT/SIGTERM cancel the job (``scancel`` on SLURM), leaving no orphans. On SLURM the
+job's state is checked at least every ``KCD_POLL_SECONDS`` (default 30) seconds.
 
 Jobs are :class:`submitit.helpers.Checkpointable`: when SLURM preempts one or it reaches its
 time limit, submitit requeues it and the step resumes from its own checkpoint file.
@@ -27,12 +28,14 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import submitit
 from submitit.helpers import Checkpointable
 
 TAIL_LINES = 40
+POLL_SECONDS = float(os.environ.get("KCD_POLL_SECONDS", "30"))
 
 
 class KcdJob(Checkpointable):
@@ -82,6 +85,18 @@ def build_executor(args: argparse.Namespace) -> submitit.Executor:
                 raise SystemExit(f"kcd.launch: error: --slurm-extra is not JSON: {args.slurm_extra}")
     executor.update_parameters(**params)
     return executor
+
+
+def _wait(job: submitit.Job, launcher: str) -> None:
+    """Wait for ``job``. On SLURM, ask the scheduler at least every ``POLL_SECONDS``: submitit
+    alone backs off to minutes between status checks, so a cancelled or killed job would keep
+    its rule waiting long after it died."""
+    last = time.monotonic()
+    while not job.done():
+        if launcher == "slurm" and time.monotonic() - last >= POLL_SECONDS:
+            job.watcher.update()
+            last = time.monotonic()
+        time.sleep(1.0)
 
 
 def _tail(text: str, n: int = TAIL_LINES) -> str:
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, cancel)
     signal.signal(signal.SIGTERM, cancel)
     try:
+        _wait(job, args.launcher)
         job.result()
     except submitit.core.utils.UncompletedJobError as e:
         log = _job_log(job)
