@@ -104,8 +104,9 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
 
 
 def _job_log(job: submitit.Job) -> str:
+    """The job's log (rank 0's for a multi-task job)."""
     try:
-        return job.stdout() or ""
+        return (job.task(0).stdout() if job.num_tasks > 1 else job.stdout()) or ""
     except Exception:  # log not written (job never started)
         return ""
 
@@ -152,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, cancel)
     try:
         _wait(job, args.launcher)
-        job.result()
+        if args.tasks * args.nodes > 1:
+            job.results()  # one result per task
+        else:
+            job.result()
     except submitit.core.utils.UncompletedJobError as e:
         log = _job_log(job)
         print(log, flush=True)

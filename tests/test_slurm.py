@@ -142,9 +142,10 @@ def slurm_data(tmp_path_factory):
 class Launch:
     """A ``python -m kcd.launch --launcher slurm`` process, its output collected by threads."""
 
-    def __init__(self, cluster: Cluster, cwd: Path, launch_args: list[str], kcd_args: list[str]):
+    def __init__(self, cluster: Cluster, cwd: Path, launch_args: list[str], kcd_args: list[str],
+                 env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([*LAUNCH, *launch_args, "--", *kcd_args], cwd=cwd,
-                                     env=cluster.env, stdout=subprocess.PIPE,
+                                     env={**cluster.env, **(env or {})}, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []
@@ -318,3 +319,108 @@ def test_workflow_table7_through_sbatch(cluster, tmp_path):
         assert "JobState=COMPLETED" in cluster.completed(job_id)
     assert set(launched) <= cluster.jobcomp_ids() - before
     print(f"table7 DAG through sbatch: {heavy} jobs in {elapsed:.0f} s")
+
+
+def _local_kcd(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m kcd.cli ARGS`` in a plain local process with one thread (as a 1-CPU job)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    run = subprocess.run([sys.executable, "-m", "kcd.cli", *args], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path, slurm_data):
+    """``scontrol requeue`` of a running pretraining: the launcher keeps waiting, the job comes
+    back, resumes from its checkpoint and ends with the weights of an uninterrupted run."""
+    import torch
+
+    from kcd.checkpoint import load_file
+    from kcd.train import CHECKPOINT, FINAL
+
+    _, config, theta0 = slurm_data
+    args = ["pretrain", "--config", str(config), "--dataset", "cifar100", "--arch", "resnet20",
+            "--seed", "0", "--theta0", str(theta0), "--no-track", "-q",
+            "--set", "recipes.cifar100.default.iterations=300",
+            "--set", "recipes.cifar100.default.checkpoint_every=10"]
+    run = tmp_path / "run"
+    start = time.monotonic()
+    launch = Launch(cluster, tmp_path,
+                    ["--name", "kcd-requeue-test", "--log-dir", str(tmp_path / "jobs"), "--cpus",
+                     "1", "--mem-mb", "2000", "--time-min", "10"],
+                    [*args, "--out", str(run)], env={"KCD_POLL_SECONDS": "2"})
+    job_id = launch.job_id()
+    try:
+        wait_running(cluster, job_id)
+        deadline = time.monotonic() + 120
+        while not (run / CHECKPOINT).exists():
+            assert time.monotonic() < deadline, f"no {CHECKPOINT} after 120 s"
+            assert launch.proc.poll() is None, launch.stdout[-2000:] + launch.stderr[-2000:]
+            time.sleep(0.2)
+        assert not (run / FINAL).exists(), "the job finished before the requeue; make it longer"
+        step = load_file(run / CHECKPOINT)["step"]
+        requeue = cluster.run("scontrol", "requeue", job_id)
+        assert requeue.returncode == 0, requeue.stderr
+        requeued = time.monotonic()
+        time.sleep(3)
+        assert launch.proc.poll() is None, ("the launcher stopped on the requeue:\n"
+                                           + launch.stdout[-2000:] + launch.stderr[-2000:])
+        code = launch.wait(timeout=400)
+    except BaseException:
+        launch.kill()
+        cluster.run("scancel", job_id)
+        raise
+    elapsed, after = time.monotonic() - start, time.monotonic() - requeued
+    assert code == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    show = cluster.run("scontrol", "show", "job", job_id).stdout
+    assert re.search(r"\bRestarts=1\b", show), show
+    # the jobcomp log has one record per run of the job: the requeued one, then the last one
+    assert "JobState=PENDING" in cluster.completed(job_id)
+    deadline = time.monotonic() + 15
+    while not re.search(rf"\bJobId={job_id}\b.*JobState=COMPLETED",
+                        cluster.jobcomp.read_text()):
+        assert time.monotonic() < deadline, cluster.jobcomp.read_text()[-2000:]
+        time.sleep(0.5)
+    assert re.search(r"resuming .* from its checkpoint at step \d+", launch.stdout), \
+        launch.stdout[-3000:]
+    resumed = int(re.search(r"from its checkpoint at step (\d+)", launch.stdout).group(1))
+    assert resumed >= step
+    _local_kcd([*args, "--out", str(tmp_path / "straight")])
+    a = load_file(tmp_path / "straight" / FINAL)["state_dict"]
+    b = load_file(run / FINAL)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    print(f"requeued job: checkpoint at step {step}, resumed at step {resumed}; "
+          f"{elapsed:.1f} s in all, {after:.1f} s of it after the requeue")
+
+
+def test_two_task_job_trains_with_ddp_like_one_process(cluster, tmp_path, slurm_data):
+    """A 2-task SLURM job (one DDP process per task, gloo) ends with the parameters of one local
+    process that splits the same global batch into 2 strided micro-batches."""
+    import torch
+
+    from kcd.checkpoint import load_file
+    from kcd.train import FINAL
+
+    _, config, theta0 = slurm_data
+    args = ["pretrain", "--config", str(config), "--dataset", "cifar100", "--arch", "resnet20",
+            "--seed", "0", "--theta0", str(theta0), "--no-track", "-q",
+            "--set", "recipes.cifar100.default.iterations=5",
+            "--set", "recipes.cifar100.default.batch_size=32"]
+    launch = Launch(cluster, tmp_path, ["--name", "kcd-ddp", "--log-dir", str(tmp_path / "jobs"),
+                                        "--tasks", "2", "--cpus", "1", "--gpus", "0",
+                                        "--mem-mb", "1500", "--time-min", "10"],
+                    [*args, "--out", str(tmp_path / "two")], env={"KCD_POLL_SECONDS": "2"})
+    code = launch.wait(timeout=300)
+    assert code == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    _local_kcd([*args, "--out", str(tmp_path / "one"),
+                "--set", "recipes.cifar100.default.micro_batches=2"])
+    a = load_file(tmp_path / "one" / FINAL)["state_dict"]
+    b = load_file(tmp_path / "two" / FINAL)["state_dict"]
+    start = load_file(theta0)["state_dict"]
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert any(not torch.equal(a[k], start[k]) for k in params)
+    for k in params:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
