@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from kcd.errors import KcdError
 from kcd.features import FeatureTap
 
 
@@ -82,7 +83,7 @@ def evaluate(
                 tap.remove()
         student.train(was_training)
     if n == 0:
-        raise ValueError("evaluation set is empty")
+        raise KcdError("the evaluation split is empty; check the dataset root")
     result = {
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,

@@ -69,7 +69,8 @@ class SampleStream:
         n = len(dataset)  # type: ignore[arg-type]
         self.batches_per_epoch = (n // world_size) // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(f"{n} images are fewer than one batch of {batch_size} per rank")
+            raise KcdError(f"{n} training images are fewer than one batch of {batch_size} per "
+                           "rank; lower recipe.batch_size")
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(_mix(self.seed, epoch))
