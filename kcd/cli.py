@@ -182,9 +182,10 @@ def cmd_statistics(args: argparse.Namespace) -> None:
 
 
 def cmd_transform(args: argparse.Namespace) -> None:
-    from kcd.statistics import LEARNED, learn_transform, make_transform
+    from kcd.statistics import learn_transform, make_transform
+    from kcd.transforms import LEARNED_KINDS
 
-    if args.strategy in LEARNED:
+    if args.strategy in LEARNED_KINDS:
         from kcd.config import data_spec, num_classes
 
         cfg = _config(args)

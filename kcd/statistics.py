@@ -27,6 +27,7 @@ from kcd.features import FeatureTap, global_avg_pool
 from kcd.specs import DataSpec, StatisticsSpec
 from kcd.train import load_model
 from kcd.transforms import (
+    LEARNED_KINDS,
     PerClassTransform,
     build_transform,
     fit_learned_transform,
@@ -34,7 +35,6 @@ from kcd.transforms import (
     save_transform,
 )
 
-LEARNED = ("subnet-fc", "subnet-res")
 
 
 def _models(teacher: str, teacher_weights: str, student: str, student_weights: str,
@@ -122,7 +122,7 @@ def make_transform(
     ``groups`` > 1 builds Table 6's per-class transforms: one per equal group of labels.
     Returns the transform's metadata (including Γ before and after).
     """
-    if strategy in LEARNED:
+    if strategy in LEARNED_KINDS:
         raise KcdError(f"strategy '{strategy}' is learned from features; use learn_transform")
     obj = _load_statistics(stats_path)
     meta = {"teacher": obj["teacher"], "student": obj["student"], "layer": obj["layers"][1],
@@ -164,8 +164,8 @@ def learn_transform(
     progress: bool = True,
 ) -> dict:
     """Fit a learned transform (Sub-net-FC / Sub-net-Res, Section 3.3) and write it."""
-    if strategy not in LEARNED:
-        raise KcdError(f"learn_transform is for {', '.join(LEARNED)}; got '{strategy}'")
+    if strategy not in LEARNED_KINDS:
+        raise KcdError(f"learn_transform is for {', '.join(LEARNED_KINDS)}; got '{strategy}'")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, s = _models(teacher, teacher_weights, student, student_weights, num_classes, device)
 
