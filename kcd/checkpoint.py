@@ -37,6 +37,11 @@ def _atomic_write(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def atomic_write_with(path: str | os.PathLike, write) -> Path:
+    """Call ``write(binary_file)`` on a temporary file, then rename it to ``path``."""
+    return _atomic_write(path, write)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically."""
     return _atomic_write(path, lambda f: torch.save(obj, f))

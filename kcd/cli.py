@@ -185,7 +185,18 @@ def cmd_transform(args: argparse.Namespace) -> None:
     from kcd.statistics import learn_transform, make_transform
     from kcd.transforms import LEARNED_KINDS
 
-    if args.strategy in LEARNED_KINDS:
+    if args.strategy in LEARNED_KINDS and args.spec:
+        from kcd.specs import StatisticsSpec
+
+        spec = _spec(args, StatisticsSpec, lambda: None)
+        meta = learn_transform(
+            strategy=args.strategy, metric=args.metric, teacher=spec.teacher,
+            teacher_weights=spec.teacher_weights, student=spec.student,
+            student_weights=spec.student_weights, layers=(spec.layers[0], spec.layers[1]),
+            data=spec.data, num_classes=spec.num_classes, out=args.out, steps=args.steps,
+            lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.quiet,
+        )
+    elif args.strategy in LEARNED_KINDS:
         from kcd.config import data_spec, num_classes
 
         cfg = _config(args)
@@ -237,6 +248,44 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.out:
         atomic_write_json(result, args.out)
     _summary(json.dumps(result))
+
+
+def _job(args: argparse.Namespace, run: Callable[..., Any], **extra: Any) -> Any:
+    """Run an analysis job from its ``--spec`` (JSON text or file) as keyword arguments."""
+    text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise KcdError(f"--spec is not valid JSON: {e}") from None
+    try:
+        return run(**spec, **extra)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise KcdError(f"--spec does not fit `kcd {args.command}`: {e}") from None
+
+
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from kcd.analysis.overlap import overlap_job
+
+    rows = _job(args, overlap_job, progress=not args.quiet)
+    _summary("channel overlap: " + "; ".join(
+        f"{r['models']} " + " ".join(f"{k} {v:.1f}" for k, v in r.items() if k != "models")
+        for r in rows))
+
+
+def cmd_feature_consistency(args: argparse.Namespace) -> None:
+    from kcd.analysis.feature_consistency import feature_consistency_job
+
+    result = _job(args, feature_consistency_job, progress=not args.quiet)
+    _summary(f"feature consistency of {len(result)} rows")
+
+
+def cmd_figure1(args: argparse.Namespace) -> None:
+    from kcd.analysis.activation_maps import figure1_job
+
+    png, pdf = _job(args, figure1_job)
+    _summary(f"figure 1 -> {png}, {pdf}")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -354,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also per-class statistics for K groups of labels (Table 6)")
         else:
             p.add_argument("--stats")
+            p.add_argument("--spec", help="learned strategies: the pair, its layers and data as "
+                                          "a statistics spec (JSON), as the workflow passes it")
+            p.add_argument("--lr", type=float, default=1e-3, help="learned strategies: Adam lr")
+            p.add_argument("--batch-size", type=int, default=128,
+                           help="learned strategies: images per step")
             p.add_argument("--strategy", required=True)
             p.add_argument("--metric", default="correlation")
             p.add_argument("--groups", type=int, default=1)
@@ -370,6 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-layer")
     p.add_argument("--student-layer")
     p.add_argument("--out")
+
+    for name, fn, text in (
+        ("overlap", cmd_overlap, "Table 10: overlap of the top-k channels per class between "
+                                 "models"),
+        ("feature-consistency", cmd_feature_consistency,
+         "Table 11: KL of outputs and feature L2 between a teacher and students"),
+        ("figure1", cmd_figure1, "Figure 1: class-averaged activation maps and differences"),
+    ):
+        p = add(name, fn, text, config=False)
+        p.add_argument("--spec", required=True, help="the job as JSON (text or file), as the "
+                                                      "workflow writes it")
 
     p = add("table", cmd_table, "build one of the paper's tables from run results",
             config=False)

@@ -9,6 +9,7 @@ started by hand and one started by the DAG are the same run.
 from __future__ import annotations
 
 import copy
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -121,6 +122,8 @@ def validate_config(cfg: dict) -> dict:
             if row not in COMPARISON_ROWS:
                 raise KcdError(f"config key tables.{name}.rows: unknown row '{row}'; known: "
                                f"{', '.join(COMPARISON_ROWS.names())}")
+    _validate_ablations(cfg)
+    _validate_figure1(cfg)
     for ds, recipes in cfg.get("recipes", {}).items():
         for arch, r in recipes.items():
             if arch != "default":
@@ -129,6 +132,64 @@ def validate_config(cfg: dict) -> dict:
             if ms != sorted(ms):
                 raise KcdError(f"config key recipes.{ds}.{arch}.milestones: must be increasing")
     return cfg
+
+
+def _known_dataset(cfg: dict, name: str, key: str) -> None:
+    if name not in cfg.get("datasets", {}):
+        raise KcdError(f"config key {key}: '{name}' is not under datasets; known: "
+                       f"{', '.join(cfg.get('datasets', {}))}")
+
+
+def _validate_ablations(cfg: dict) -> None:
+    """Tables 1-6, 10, 11: known models, K within the class count, k within the channels."""
+    a = cfg.get("ablations")
+    if not a:
+        return
+    _known_dataset(cfg, a["dataset"], "ablations.dataset")
+    _known_model(a["teacher"], "ablations.teacher")
+    _known_model(a["student"], "ablations.student")
+    classes = cfg["datasets"][a["dataset"]].get("num_classes")
+    for k in a.get("groups", []):
+        if classes and k > classes:
+            raise KcdError(f"config key ablations.groups: K={k} is larger than the "
+                           f"{classes} classes of {a['dataset']}; use K <= {classes}")
+    ks = a.get("overlap_k", [])
+    for k in ks:
+        if k >= 1 and k != int(k):
+            raise KcdError(f"config key ablations.overlap_k: {k} is neither a channel count "
+                           "(an integer) nor a fraction of the channels (between 0 and 1)")
+    if any(k >= 1 for k in ks) and 10 in a.get("tables", [10]):
+        channels = min(model_channels(a["student"]), model_channels(a["teacher"]))
+        for k in ks:
+            if k > channels:
+                raise KcdError(f"config key ablations.overlap_k: top-{int(k)} is more than the "
+                               f"{channels} channels of the distilled layer; use k <= {channels}")
+
+
+def _validate_figure1(cfg: dict) -> None:
+    f = cfg.get("figure1")
+    if not f:
+        return
+    _known_dataset(cfg, f["dataset"], "figure1.dataset")
+    _known_model(f["teacher"], "figure1.teacher")
+    _known_model(f["student"], "figure1.student")
+    classes = cfg["datasets"][f["dataset"]].get("num_classes")
+    c = f["class"]
+    if isinstance(c, int) and classes and not 0 <= c < classes:
+        raise KcdError(f"config key figure1.class: class {c} does not exist; "
+                       f"{f['dataset']} has classes 0..{classes - 1}")
+
+
+@functools.lru_cache(maxsize=None)
+def model_channels(arch: str) -> int:
+    """Channels of ``arch``'s distilled layer (its default layer), from a tiny forward pass."""
+    from kcd.features import feature_shapes
+    from kcd.models import build_model, model_spec
+
+    spec = model_spec(arch)
+    size = 32 if spec.family == "cifar" else 64
+    shapes = feature_shapes(build_model(arch, 10), [spec.default_layer], size)
+    return int(shapes[spec.default_layer][0])
 
 
 def _known_model(name: str, key: str) -> None:
@@ -278,5 +339,6 @@ def statistics_spec(
                 layers[1] or model_spec(student).default_layer],
         data=data_spec(cfg, dataset), num_classes=num_classes(cfg, dataset), out=out,
         metrics=list(metrics or st.get("metrics", ["correlation"])), groups=list(groups or []),
+        group_metrics=[cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]],
         batch_size=int(st.get("batch_size", 256)),
     )

@@ -105,6 +105,7 @@ class StatisticsSpec:
     out: str
     metrics: list[str] = field(default_factory=lambda: ["correlation"])
     groups: list[int] = field(default_factory=list)  # Table 6: also per-class, K groups
+    group_metrics: list[str] = field(default_factory=lambda: ["correlation"])  # of the groups
     batch_size: int = 256
 
 

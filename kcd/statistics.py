@@ -76,7 +76,8 @@ def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
         pt, ps = global_avg_pool(ft).float().cpu(), global_avg_pool(fs).float().cpu()
         if stats is None:
             stats = ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))
-            per_group = {k: [ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))
+            per_group = {k: [ConsistencyStatistics(pt.shape[1], ps.shape[1],
+                                                   metrics=list(spec.group_metrics))
                              for _ in range(k)] for k in groups if k > 1}
         stats.update(pt, ps)
         for k, accs in per_group.items():

@@ -76,6 +76,153 @@ def row_label(method: str, transform: str, kcd_transform: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- ablations
+
+
+@dataclass(frozen=True)
+class AblationRow:
+    """A row of Tables 1-6: its label, the runs that make it, and its row in the paper's csv.
+
+    ``teacher_seed`` / ``seeds`` None mean the configured teacher seed / student seeds.
+    ``transform`` is a run transform name (:mod:`kcd.naming`).
+    """
+
+    label: str
+    method: str
+    transform: str = NO_TRANSFORM
+    paper: tuple[tuple[str, Any], ...] = ()  # (column, value) pairs selecting the paper's row
+    teacher_seed: int | None = None
+    seeds: tuple[int, ...] | None = None
+
+
+ABLATION_TITLES = {
+    1: "transform strategy (correlation metric)",
+    2: "consistency metric (bipartite matching)",
+    3: "initialisation: the transform computed for theta0, used with re-initialised models",
+    4: "transform computed from initial (S0, T0) or trained (S, T) weights",
+    5: "static vs dynamic transform",
+    6: "number K of per-class transforms",
+}
+ABLATIONS: Registry = Registry("ablation table")
+_METRIC_LABELS = {"l1": "L1", "l2": "L2", "cosine": "Cosine", "correlation": "Correlation",
+                  "kl": "KL Divergence"}
+_STRATEGY_LABELS = {"random": "Random Transformation", "bipartite": "Bipartite",
+                    "greedy": "Greedy", "subnet-fc": "Sub-net-FC", "subnet-res": "Sub-net-Res"}
+
+
+def _split(kcd_transform: str) -> tuple[str, str]:
+    strategy, metric = kcd_transform.rsplit("-", 1)
+    return strategy, metric
+
+
+@ABLATIONS.register("1")
+def _table1(kcd_transform: str, **_: Any) -> list[AblationRow]:
+    _, metric = _split(kcd_transform)
+    rows = [AblationRow("Baseline", "baseline", paper=(("row", "Baseline"),))]
+    for strategy, label in _STRATEGY_LABELS.items():
+        rows.append(AblationRow(label, "l2", f"{strategy}-{metric}", paper=(("row", label),)))
+    return rows
+
+
+@ABLATIONS.register("2")
+def _table2(kcd_transform: str, **_: Any) -> list[AblationRow]:
+    strategy, _ = _split(kcd_transform)
+    return [AblationRow(label, "l2", f"{strategy}-{metric}", paper=(("row", label),))
+            for metric, label in _METRIC_LABELS.items()]
+
+
+@ABLATIONS.register("3")
+def _table3(kcd_transform: str, *, reinit_seeds: Sequence[int], teacher_seed: int,
+            seeds: Sequence[int], **_: Any) -> list[AblationRow]:
+    """(a) students from other seeds, (b) teachers trained from other seeds, both distilled
+    with the transform computed for the theta0 pair (seed ``seeds[0]`` / ``teacher_seed``)."""
+    a, b = "a (student re-initialized)", "b (teacher re-initialized)"
+    s0 = seeds[0]
+    rows = [AblationRow("a: S (theta0)", "l2", kcd_transform,
+                        paper=(("part", a), ("row", "S (theta0)")), seeds=(s0,))]
+    rows += [AblationRow(f"a: S{r} (theta{r})", "l2", f"{kcd_transform}@s{s0}",
+                         paper=(("part", a), ("row", f"S{r} (theta{r})")), seeds=(r,))
+             for r in reinit_seeds]
+    rows.append(AblationRow("b: T (theta0)", "l2", kcd_transform,
+                            paper=(("part", b), ("row", "T (theta0)"))))
+    rows += [AblationRow(f"b: T{r} (theta{r})", "l2", f"{kcd_transform}@t{teacher_seed}",
+                         paper=(("part", b), ("row", f"T{r} (theta{r})")), teacher_seed=r)
+             for r in reinit_seeds]
+    return rows
+
+
+@ABLATIONS.register("4")
+def _table4(kcd_transform: str, **_: Any) -> list[AblationRow]:
+    cells = (("S0/T0", "@init-st", "initial (S0)", "initial (T0)"),
+             ("S0/T", "@init-s", "initial (S0)", "trained (T)"),
+             ("S/T0", "@init-t", "trained (S)", "initial (T0)"),
+             ("S/T", "", "trained (S)", "trained (T)"))
+    return [AblationRow(label, "l2", kcd_transform + src,
+                        paper=(("student_weights", sw), ("teacher_weights", tw)))
+            for label, src, sw, tw in cells]
+
+
+@ABLATIONS.register("5")
+def _table5(kcd_transform: str, **_: Any) -> list[AblationRow]:
+    return [AblationRow("Baseline", "baseline", paper=(("row", "Baseline"),)),
+            AblationRow("Static", "l2", kcd_transform, paper=(("row", "Static"),)),
+            AblationRow("Dynamic", "l2", kcd_transform + "+dyn", paper=(("row", "Dynamic"),))]
+
+
+@ABLATIONS.register("6")
+def _table6(kcd_transform: str, *, groups: Sequence[int], **_: Any) -> list[AblationRow]:
+    """K = 0 is the run without any transform. The student has fewer channels than the teacher
+    (1280 vs 2048), where plain L2 is undefined without a regressor, and the paper's K = 0
+    equals its Baseline (67.52), so K = 0 reads the Baseline run."""
+    rows = []
+    for k in groups:
+        if k == 0:
+            rows.append(AblationRow("K=0", "baseline", paper=(("K", 0),)))
+        else:
+            name = kcd_transform if k == 1 else f"{kcd_transform}-k{k}"
+            rows.append(AblationRow(f"K={k}", "l2", name, paper=(("K", k),)))
+    return rows
+
+
+@dataclass(frozen=True)
+class ConsistencyRow:
+    """A row of Table 11: whose student, and which view of the teacher it is compared with.
+
+    ``method``/``transform`` pick the student's run (``baseline``: the independently trained
+    student); ``view`` is the teacher's transform for the comparison (``none``: the raw
+    teacher). The paper's labels after the first were lost in extraction; ours follow the
+    surrounding text and are marked ``inferred``.
+    """
+
+    label: str
+    method: str
+    transform: str
+    view: str
+    paper_row: str
+    note: str | None = "row label inferred (lost in the paper's text)"
+
+
+FEATURE_CONSISTENCY_ROWS: tuple[ConsistencyRow, ...] = (
+    ConsistencyRow("Baseline (T vs trained S)", "baseline", NO_TRANSFORM, NO_TRANSFORM,
+                   "Baseline (T vs trained S)", note=None),
+    ConsistencyRow("Transformed T vs trained S (before distillation)", "baseline", NO_TRANSFORM,
+                   KCD, "Transformed T vs trained S (before distillation)"),
+    ConsistencyRow("FitNets", "fitnets", NO_TRANSFORM, NO_TRANSFORM, "FitNets"),
+    ConsistencyRow("Ours + FitNets", "fitnets", KCD, KCD, "Ours (+ FitNets)"),
+    ConsistencyRow("AB", "ab", NO_TRANSFORM, NO_TRANSFORM, "AB"),
+    ConsistencyRow("Ours + AB", "ab", KCD, KCD, "Ours + AB"),
+    ConsistencyRow("RKD", "rkd", NO_TRANSFORM, NO_TRANSFORM, "RKD"),
+    ConsistencyRow("Ours + RKD", "rkd", KCD, KCD, "Ours + RKD"),
+    ConsistencyRow("RCO", "rco", NO_TRANSFORM, NO_TRANSFORM, "RCO"),
+    ConsistencyRow("Ours + RCO", "rco", KCD, KCD, "Ours + RCO"),
+)
+
+
+def ablation_rows(number: int, kcd_transform: str, **params: Any) -> list[AblationRow]:
+    """The rows of ablation Table ``number`` (1-6) for the configured KCD transform."""
+    return ABLATIONS.get(str(number))(kcd_transform, **params)
+
+
 def paper_table(number: int) -> pd.DataFrame:
     """The paper's Table ``number`` from the project's copy."""
     path = resources.files("kcd").joinpath(f"paper/table{number}.csv")
@@ -84,40 +231,69 @@ def paper_table(number: int) -> pd.DataFrame:
     return pd.read_csv(StringIO(path.read_text()))
 
 
-def _read_metric(path: str, metric: str) -> float:
+def _read_value(source: str | dict, metric: str) -> float | None:
+    """One number of a cell: ``source`` is a run's result.json path (its ``metric``) or
+    ``{"path": ..., "keys": [...]}`` (a nested value of an analysis json)."""
+    path, keys = (source, [metric]) if isinstance(source, str) else (source["path"], source["keys"])
     p = Path(path)
     if not p.is_file():
-        raise KcdError(f"run result {p} does not exist; build it with snakemake first")
+        raise KcdError(f"result {p} does not exist; build it with snakemake first")
     try:
-        value = json.loads(p.read_text())[metric]
-    except (ValueError, KeyError):
-        raise KcdError(f"run result {p} has no '{metric}'") from None
-    return float(value)
+        value: Any = json.loads(p.read_text())
+        for k in keys:
+            value = value[k]
+    except (ValueError, KeyError, TypeError):
+        raise KcdError(f"result {p} has no '{'.'.join(map(str, keys))}'") from None
+    return None if value is None else float(value)
 
 
-def _aggregate(paths: Sequence[str], metric: str) -> tuple[float, float | None, int]:
-    values = [_read_metric(p, metric) for p in paths]
+def _aggregate(sources: Sequence[str | dict], metric: str) -> tuple[float, float | None, int]:
+    values = [v for v in (_read_value(s, metric) for s in sources) if v is not None]
     if not values:
         return math.nan, None, 0
     sd = stdev(values) if len(values) > 1 else None
     return mean(values), sd, len(values)
 
 
-def _paper_value(paper: pd.DataFrame, row: str, column: str) -> float | None:
-    if "row" not in paper or column not in paper:
+def _paper_value(paper: pd.DataFrame, match: Sequence[Sequence[Any]], column: str,
+                 plan: dict[str, Any]) -> float | None:
+    """The paper's number for (row ``match``, our ``column``); None where the paper has none.
+
+    ``match`` holds (paper column, value) pairs that select the paper's row. A plan whose
+    columns are not columns of the paper's csv names the csv column with the values
+    (``paper_value``) and, when the paper lists our columns as rows, the csv column that
+    holds our column names (``paper_column_key``).
+    """
+    sel = paper
+    for key, value in match:
+        if key not in sel:
+            return None
+        sel = sel[sel[key].astype(str) == str(value)]
+    value_column = plan.get("paper_value") or column
+    if plan.get("paper_column_key"):
+        sel = sel[sel[plan["paper_column_key"]].astype(str) == str(column)]
+    if value_column not in sel or not len(sel):
         return None
-    hit = paper.loc[paper["row"] == row, column]
-    return float(hit.iloc[0]) if len(hit) else None
+    v = sel[value_column].iloc[0]
+    return None if pd.isna(v) else float(v)
+
+
+def _row_match(row: dict[str, Any]) -> list:
+    return row.get("paper") or [["row", row.get("paper_row", row["label"])]]
 
 
 def build_table(plan: dict[str, Any]) -> pd.DataFrame:
-    """Aggregate a plan's run results into a DataFrame (one line per row)."""
+    """Aggregate a plan's results into a DataFrame (one line per row)."""
     number = int(plan["table"])
     metric = plan.get("metric", "top1")
     paper = paper_table(number)
-    teacher_mean, teacher_sd, teacher_n = _aggregate(plan.get("teacher_results", []), metric)
-    teacher_paper = (float(paper["teacher_top1"].iloc[0])
-                     if "teacher_top1" in paper and len(paper) else None)
+    teacher_mean, _, _ = _aggregate(plan.get("teacher_results", []), metric)
+    tp = plan.get("teacher_paper")
+    if tp:
+        teacher_paper = _paper_value(paper, tp["match"], tp["column"], {})
+    else:
+        teacher_paper = (float(paper["teacher_top1"].iloc[0])
+                         if "teacher_top1" in paper and len(paper) else None)
     lines = []
     for row in plan["rows"]:
         line: dict[str, Any] = {
@@ -127,12 +303,13 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
             "row": row["label"],
             "method": row.get("method"),
             "transform": row.get("transform"),
-            "teacher_top1": teacher_mean,
-            "teacher_top1_paper": teacher_paper,
+            "note": row.get("note"),
+            f"teacher_{metric}": teacher_mean,
+            f"teacher_{metric}_paper": teacher_paper,
         }
         for column in plan["columns"]:
             m, sd, n = _aggregate(row["cells"].get(column, []), metric)
-            p = _paper_value(paper, row.get("paper_row", row["label"]), column)
+            p = _paper_value(paper, _row_match(row), column, plan)
             line[column] = m
             line[f"{column}_std"] = sd
             line[f"{column}_n"] = n
@@ -142,49 +319,82 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(lines)
 
 
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.{digits}f}"
+    return "–" if _missing(value) else f"{value:.{digits}f}"
 
 
-def _cell(df_line: pd.Series, column: str) -> str:
+def _cell(df_line: pd.Series, column: str, digits: int = 2) -> str:
     m, sd = df_line[column], df_line[f"{column}_std"]
-    text = _fmt(m)
-    if sd is not None and not (isinstance(sd, float) and math.isnan(sd)):
-        text += f" ± {_fmt(sd)}"
+    text = _fmt(m, digits)
+    if not _missing(sd):
+        text += f" ± {_fmt(sd, digits)}"
     return text
+
+
+def within_spread(df: pd.DataFrame, column: str) -> list[bool]:
+    """For each row: does it differ from the first (reference) row by less than the larger
+    sample std of the two? Only rows and a reference with at least two seeds can be marked."""
+    ref = df.iloc[0]
+    marks = []
+    for i, (_, line) in enumerate(df.iterrows()):
+        sds = [line[f"{column}_std"], ref[f"{column}_std"]]
+        if i == 0 or any(_missing(s) for s in sds) or _missing(line[column]):
+            marks.append(False)
+        else:
+            marks.append(abs(line[column] - ref[column]) < max(sds))
+    return marks
 
 
 def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
     """A Markdown table: for each column, ours (mean ± std), the paper's, and the difference."""
     columns = plan["columns"]
+    labels = plan.get("column_labels", {})
+    digits = int(plan.get("digits", 2))
+    metric = plan.get("metric", "top1")
     seeds = sorted({int(n) for c in columns for n in df[f"{c}_n"]})
-    head = ["Method"] + [f"{c} {k}" for c in columns for k in ("ours", "paper", "Δ")]
+    head = [plan.get("row_header", "Method")] + [
+        f"{labels.get(c, c)} {k}" for c in columns for k in ("ours", "paper", "Δ")]
     out = [f"### Table {plan['table']}: {plan.get('title', '')}".rstrip(), ""]
-    if plan.get("teacher"):
+    if plan.get("teacher") and plan.get("teacher_results"):
         t = df.iloc[0]
-        out.append(f"Teacher {plan['teacher']} top-1: ours {_fmt(t['teacher_top1'])}, "
-                   f"paper {_fmt(t['teacher_top1_paper'])}.")
-    out.append(f"Dataset {plan['dataset']} at {plan.get('scale', 'demo')} scale; "
-               f"{metric_name(plan.get('metric', 'top1'))}; seeds per cell: "
-               f"{', '.join(map(str, seeds))}; ours is the mean (± sample std over seeds) of the "
-               "final iterate of each run.")
+        out.append(f"Teacher {plan['teacher']} {metric_name(metric)}: ours "
+                   f"{_fmt(t[f'teacher_{metric}'])}, paper {_fmt(t[f'teacher_{metric}_paper'])}.")
+    if plan.get("description"):
+        out.append(plan["description"])
+    else:
+        out.append(f"Dataset {plan['dataset']} at {plan.get('scale', 'demo')} scale; "
+                   f"{metric_name(metric)}; seeds per cell: {', '.join(map(str, seeds))}; ours is "
+                   "the mean (± sample std over seeds) of the final iterate of each run.")
     if plan.get("scale", "demo") != "paper":
         out.append("Demo scale: generated data and short recipes, so our numbers are not "
-                   "comparable with the paper's; with one seed, differences between methods "
+                   "comparable with the paper's; with one seed, differences between rows "
                    "of a few points are seed noise.")
+    marks = {c: within_spread(df, c) for c in columns}
+    if any(any(m) for m in marks.values()):
+        out.append("≈: differs from the first row by less than the spread (sample std) of "
+                   "its seeds.")
+    if df["note"].notna().any():
+        out.append("†: " + "; ".join(sorted({str(n) for n in df["note"].dropna()})) + ".")
+    for line in plan.get("legend", []):
+        out.append(line)
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, line in df.iterrows():
-        cells = [str(line["row"])]
+    for i, (_, line) in enumerate(df.iterrows()):
+        label = str(line["row"]) + (" †" if isinstance(line["note"], str) else "")
+        cells = [label]
         for c in columns:
-            cells += [_cell(line, c), _fmt(line[f"{c}_paper"]), _fmt(line[f"{c}_diff"])]
+            cells += [_cell(line, c, digits) + (" ≈" if marks[c][i] else ""),
+                      _fmt(line[f"{c}_paper"], digits), _fmt(line[f"{c}_diff"], digits)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
 def metric_name(metric: str) -> str:
-    return {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)"}.get(metric, metric)
+    return {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)",
+            "AP": "COCO box AP (%)"}.get(metric, metric)
 
 
 def _tex_escape(text: str) -> str:
@@ -195,18 +405,21 @@ def _tex_escape(text: str) -> str:
 def render_latex(df: pd.DataFrame, plan: dict[str, Any]) -> str:
     """A booktabs table with ours and the paper's number for each column."""
     columns = plan["columns"]
+    labels = plan.get("column_labels", {})
+    digits = int(plan.get("digits", 2))
     spec = "l" + "rr" * len(columns)
     lines = [r"\begin{tabular}{" + spec + "}", r"\toprule"]
-    lines.append("Method & " + " & ".join(
-        r"\multicolumn{2}{c}{" + _tex_escape(c) + "}" for c in columns) + r" \\")
+    lines.append(_tex_escape(plan.get("row_header", "Method")) + " & " + " & ".join(
+        r"\multicolumn{2}{c}{" + _tex_escape(labels.get(c, c)) + "}" for c in columns) + r" \\")
     lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}"
                          for i in range(len(columns))))
     lines.append(" & " + " & ".join("ours & paper" for _ in columns) + r" \\")
     lines.append(r"\midrule")
     for _, line in df.iterrows():
-        cells = [_tex_escape(line["row"])]
+        cells = [_tex_escape(line["row"]) + (r"$^\dagger$" if isinstance(line["note"], str) else "")]
         for c in columns:
-            cells += [_cell(line, c).replace("±", r"$\pm$"), _fmt(line[f"{c}_paper"])]
+            cells += [_cell(line, c, digits).replace("±", r"$\pm$"),
+                      _fmt(line[f"{c}_paper"], digits)]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     caption = (f"% Table {plan['table']} ({plan['dataset']}, {plan.get('scale', 'demo')} scale), "

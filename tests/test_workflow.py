@@ -28,6 +28,8 @@ def _config() -> dict:
     cfg["methods"]["rco"]["anchors"] = 2
     cfg["tables"] = {"table7": {"dataset": "cifar100", "teacher": "resnet20",
                                 "students": ["resnet20_0.5x"], "rows": ROWS}}
+    cfg.pop("ablations")  # tests/test_workflow_ablations.py builds those
+    cfg.pop("figure1")
     return cfg
 
 
@@ -108,7 +110,7 @@ def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(buil
     counts = dict(line.split()[:2] for line in out.split("Job stats:")[1].splitlines()[3:]
                   if len(line.split()) == 2 and line.split()[1].isdigit())
     assert counts.get("distill") == "2"  # fitnets with and without the transform
-    assert counts.get("comparison_table") == "1" and "pretrain" not in counts
+    assert counts.get("table") == "1" and "pretrain" not in counts
 
 
 def test_bad_config_fails_before_any_job(tmp_path):

@@ -6,10 +6,26 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from kcd.config import anchor_iterations, statistics_spec, train_spec, validate_config
+from kcd.config import (
+    anchor_iterations,
+    data_spec,
+    num_classes,
+    statistics_spec,
+    train_spec,
+    validate_config,
+)
 from kcd.errors import KcdError
 from kcd.specs import to_dict
-from kcd.tables import comparison_row, row_label
+from kcd.naming import WILDCARD as TRANSFORM_NAMES, parse_transform_name, source_pair
+from kcd.analysis.overlap import column_name as overlap_column
+from kcd.tables import (
+    ABLATION_TITLES,
+    FEATURE_CONSISTENCY_ROWS,
+    KCD as KCD_PLACEHOLDER,
+    ablation_rows,
+    comparison_row,
+    row_label,
+)
 from kcd.tracking import ensure_store, tracking_uri
 
 # `--config seeds=[0,1,2]` arrives as strings; seeds are integers.
@@ -32,8 +48,12 @@ TSEED = int(config.get("teacher_seed", 0))
 KCD_TRANSFORM = config.get("kcd_transform", "bipartite-correlation")
 TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
 
-STRATEGIES = "identity|random|greedy|bipartite"
+ABLATIONS = config.get("ablations") or {}
+FIGURE1 = config.get("figure1") or {}
+
 METRICS = "l1|l2|correlation|cosine|kl"
+STATS_TRANSFORM_FILES = rf"(identity|random|greedy|bipartite)-({METRICS})(-k([2-9]|[1-9]\d+))?"
+LEARNED_TRANSFORM_FILES = rf"(subnet-fc|subnet-res)-({METRICS})"
 
 # No wildcard may carry a path separator or a shell metacharacter.
 wildcard_constraints:
@@ -44,9 +64,9 @@ wildcard_constraints:
     seed=r"\d+",
     tseed=r"\d+",
     method=r"[a-z0-9]+",
-    transform=r"[a-z0-9]+(-[a-z0-9]+)*",
-    strategy=STRATEGIES,
-    metric=METRICS,
+    transform=TRANSFORM_NAMES,
+    tw=r"s\d+(-init)?",
+    sw=r"s\d+(-init)?",
     folder=r"cifar-100-python|imagenet|coco",
     n=r"\d+",
 
@@ -67,16 +87,48 @@ def model_dir(ds, arch, seed):
     return f"{RESULTS}/{ds}/models/{arch}-s{seed}"
 
 
-def pair_name(teacher, tseed, student, seed):
-    return f"{teacher}-s{tseed}__{student}-s{seed}"
+def pair_name(teacher, tw, student, sw):
+    """A (teacher, student) pair by weight tags: `s<seed>` (trained) or `s<seed>-init` (theta0)."""
+    return f"{teacher}-{tw}__{student}-{sw}"
 
 
-def stats_path(ds, teacher, tseed, student, seed):
-    return f"{RESULTS}/{ds}/stats/{pair_name(teacher, tseed, student, seed)}.pt"
+def weights_path(ds, arch, tag):
+    """The weights a tag names: the trained model, or theta0 for `s<seed>-init`."""
+    seed = tag[1:].removesuffix("-init")
+    return theta0_path(ds, arch, seed) if tag.endswith("-init") else f"{model_dir(ds, arch, seed)}/final.pt"
 
 
-def transform_path(ds, teacher, tseed, student, seed, name):
-    return f"{RESULTS}/{ds}/transforms/{pair_name(teacher, tseed, student, seed)}/{name}.pt"
+def stats_path(ds, teacher, tw, student, sw):
+    return f"{RESULTS}/{ds}/stats/{pair_name(teacher, tw, student, sw)}.pt"
+
+
+def transform_path(ds, teacher, tw, student, sw, file_name):
+    return f"{RESULTS}/{ds}/transforms/{pair_name(teacher, tw, student, sw)}/{file_name}.pt"
+
+
+def run_transform_path(ds, teacher, tseed, student, seed, transform):
+    """The transform file a run named `transform` uses (kcd.naming), or None for `none`."""
+    name = parse_transform_name(transform)
+    if name is None:
+        return None
+    tw, sw = source_pair(name, int(tseed), int(seed))
+    return transform_path(ds, teacher, tw, student, sw, name.file_name)
+
+
+def transform_args(file_name):
+    """`kcd transform` flags of a transform file name: strategy, metric and K groups."""
+    name = parse_transform_name(file_name)
+    return f"--strategy {name.strategy} --metric {name.metric} --groups {name.groups}"
+
+
+def learned_args():
+    learned = ABLATIONS.get("learned", {})
+    return (f"--steps {int(learned.get('steps', 200))} --lr {float(learned.get('lr', 1e-3))} "
+            f"--batch-size {int(learned.get('batch_size', 128))}")
+
+
+def analysis_path(ds, name):
+    return f"{RESULTS}/{ds}/analysis/{name}"
 
 
 def run_dir(ds, teacher, tseed, student, method, transform, seed):
@@ -171,9 +223,17 @@ def pretrain_spec(w):
 
 
 def distill_transform(w):
-    if w.transform == "none":
-        return []
-    return [transform_path(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform)]
+    path = run_transform_path(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform)
+    return [path] if path else []
+
+
+def dynamic_options(transform):
+    """Table 5's Dynamic: recompute the transform every E iterations (`+dyn` names)."""
+    name = parse_transform_name(transform)
+    if name is None or not name.dynamic:
+        return {}
+    return {"dynamic_every": int(ABLATIONS.get("dynamic_every", 20)),
+            "dynamic_metric": name.metric, "dynamic_strategy": name.strategy}
 
 
 def distill_spec(w):
@@ -187,15 +247,34 @@ def distill_spec(w):
         anchors=anchor_paths(w.ds, w.teacher, w.tseed),
         tags={"teacher": w.teacher, "teacher_seed": int(w.tseed), "transform": w.transform,
               "row": row_label(w.method, w.transform, KCD_TRANSFORM) or ""},
+        **dynamic_options(w.transform),
     ))
+
+
+def stats_groups(ds, teacher, student):
+    """Table 6's per-class statistics (K > 1) are computed for the ablation pair only."""
+    if (ds, teacher, student) != (ABLATIONS.get("dataset"), ABLATIONS.get("teacher"),
+                                  ABLATIONS.get("student")) or 6 not in ablation_tables():
+        return []
+    return sorted(k for k in ABLATIONS.get("groups", []) if k > 1)
 
 
 def stats_spec(w):
     return spec_json(statistics_spec(
         config, dataset=w.ds, teacher=w.teacher,
-        teacher_weights=f"{model_dir(w.ds, w.teacher, w.tseed)}/final.pt",
-        student=w.student, student_weights=f"{model_dir(w.ds, w.student, w.seed)}/final.pt",
-        out=stats_path(w.ds, w.teacher, w.tseed, w.student, w.seed)))
+        teacher_weights=weights_path(w.ds, w.teacher, w.tw),
+        student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
+        out=stats_path(w.ds, w.teacher, w.tw, w.student, w.sw),
+        groups=stats_groups(w.ds, w.teacher, w.student)))
+
+
+def learn_spec(w):
+    """A learned transform reads the pair's models and data: a statistics spec carries them."""
+    return spec_json(statistics_spec(
+        config, dataset=w.ds, teacher=w.teacher,
+        teacher_weights=weights_path(w.ds, w.teacher, w.tw),
+        student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
+        out=transform_path(w.ds, w.teacher, w.tw, w.student, w.sw, w.name)))
 
 
 # --------------------------------------------------------------------------- tables
@@ -226,13 +305,177 @@ def comparison_plan(name):
     }
 
 
+def ablation_tables():
+    return list(ABLATIONS.get("tables", [])) if ABLATIONS else []
+
+
+def ablation_setting():
+    a = ABLATIONS
+    return a["dataset"], a["teacher"], a["student"]
+
+
+def ablation_plan(n):
+    """The plan of ablation Table n (1-6): the ablation pair's runs for each row."""
+    ds, teacher, student = ablation_setting()
+    rows = []
+    for r in ablation_rows(n, KCD_TRANSFORM, groups=ABLATIONS.get("groups", [0, 1]),
+                           reinit_seeds=ABLATIONS.get("reinit_seeds", []),
+                           teacher_seed=TSEED, seeds=config["seeds"]):
+        tseed = TSEED if r.teacher_seed is None else r.teacher_seed
+        seeds = list(r.seeds) if r.seeds is not None else config["seeds"]
+        rows.append({"label": r.label, "method": r.method, "transform": r.transform,
+                     "paper": [list(m) for m in r.paper],
+                     "cells": {student: [run_result(ds, teacher, tseed, student, r.method,
+                                                    r.transform, seed) for seed in seeds]}})
+    return {
+        "table": n, "title": ABLATION_TITLES[n], "dataset": ds, "teacher": teacher,
+        "teacher_results": [f"{model_dir(ds, teacher, TSEED)}/result.json"],
+        "columns": [student], "paper_value": "top1", "rows": rows, "metric": "top1",
+        "scale": config.get("scale", "demo"),
+    }
+
+
+def _view(ds, teacher, student, seed, transform):
+    """A model of an analysis: its weights and, for a transformed teacher, the transform."""
+    return {"transform": run_transform_path(ds, teacher, TSEED, student, seed, transform)}
+
+
+def overlap_spec():
+    """Table 10: S (seed s0), S2 (another seed), T and the transformed T(T)."""
+    ds, teacher, student = ablation_setting()
+    s0, s2 = config["seeds"][0], int(ABLATIONS.get("second_seed", 1))
+    t_weights = f"{model_dir(ds, teacher, TSEED)}/final.pt"
+    return {
+        "data": to_dict(data_spec(config, ds)), "num_classes": num_classes(config, ds),
+        "models": {
+            "S": {"arch": student, "weights": f"{model_dir(ds, student, s0)}/final.pt"},
+            "S2": {"arch": student, "weights": f"{model_dir(ds, student, s2)}/final.pt"},
+            "T": {"arch": teacher, "weights": t_weights},
+            "T(T)": {"arch": teacher, "weights": t_weights,
+                     "transform": run_transform_path(ds, teacher, TSEED, student, s0,
+                                                     KCD_TRANSFORM)},
+        },
+        "pairs": [["S vs T", "S", "T"], ["S1 vs S2", "S", "S2"], ["S vs T(T)", "S", "T(T)"]],
+        "ks": ABLATIONS.get("overlap_k", [10, 20, 50, 100]),
+        "out": analysis_path(ds, "overlap.json"),
+    }
+
+
+def consistency_spec():
+    """Table 11: KL of outputs and feature L2 between the teacher and each row's student."""
+    ds, teacher, student = ablation_setting()
+    rows = []
+    for r in FEATURE_CONSISTENCY_ROWS:
+        transform = KCD_TRANSFORM if r.transform == KCD_PLACEHOLDER else r.transform
+        view = KCD_TRANSFORM if r.view == KCD_PLACEHOLDER else r.view
+        for seed in config["seeds"]:
+            rows.append({
+                "label": r.label, "seed": seed,
+                "weights": run_result(ds, teacher, TSEED, student, r.method, transform,
+                                      seed).replace("result.json", "final.pt"),
+                "transform": run_transform_path(ds, teacher, TSEED, student, seed, view),
+            })
+    return {
+        "data": to_dict(data_spec(config, ds)), "num_classes": num_classes(config, ds),
+        "teacher": {"arch": teacher, "weights": f"{model_dir(ds, teacher, TSEED)}/final.pt"},
+        "student": student, "rows": rows, "out": analysis_path(ds, "feature_consistency.json"),
+    }
+
+
+def figure1_spec():
+    f = FIGURE1
+    ds, teacher, student = f["dataset"], f["teacher"], f["student"]
+    s1, s2 = f.get("seeds", [0, 1])
+    t_weights = f"{model_dir(ds, teacher, TSEED)}/final.pt"
+    return {
+        "data": to_dict(data_spec(config, ds)), "num_classes": num_classes(config, ds),
+        "class_": f["class"],
+        "models": {
+            "S1": {"arch": student, "weights": f"{model_dir(ds, student, s1)}/final.pt"},
+            "S2": {"arch": student, "weights": f"{model_dir(ds, student, s2)}/final.pt"},
+            "T": {"arch": teacher, "weights": t_weights},
+            "T(T)": {"arch": teacher, "weights": t_weights,
+                     "transform": run_transform_path(ds, teacher, TSEED, student, s1,
+                                                     KCD_TRANSFORM)},
+        },
+        "out": f"{RESULTS}/figure1",
+    }
+
+
+def spec_inputs(spec):
+    """Every file an analysis spec reads (weights, transforms, run results)."""
+    paths = []
+    for m in list(spec.get("models", {}).values()) + [spec.get("teacher") or {}] + spec.get("rows", []):
+        paths += [m[k] for k in ("weights", "transform") if m.get(k)]
+    return sorted(set(paths))
+
+
+def overlap_plan(n=10):
+    ds, teacher, student = ablation_setting()
+    spec = overlap_spec()
+    columns = [overlap_column(k) for k in spec["ks"]]
+    rows = [{"label": label, "paper": [["models", label]],
+             "cells": {c: [{"path": spec["out"], "keys": [label, c]}] for c in columns}}
+            for label, _, _ in spec["pairs"]]
+    return {"table": 10, "title": "channel overlap (%) of the top-k channels per class",
+            "dataset": ds, "columns": columns, "rows": rows, "row_header": "Models",
+            "scale": config.get("scale", "demo"), "digits": 1,
+            "description": f"{student} students (seeds {config['seeds'][0]} and "
+                           f"{ABLATIONS.get('second_seed', 1)}), {teacher} teacher and the "
+                           f"teacher after the {KCD_TRANSFORM} transform (T(T)); per class, "
+                           "the top-k channels by class-averaged activation on the evaluation "
+                           "split, overlap averaged over classes, in percent."}
+
+
+def consistency_plan(n=11):
+    ds, teacher, student = ablation_setting()
+    out = analysis_path(ds, "feature_consistency.json")
+    rows = []
+    for r in FEATURE_CONSISTENCY_ROWS:
+        rows.append({"label": r.label, "paper": [["row", r.paper_row]], "note": r.note,
+                     "cells": {c: [{"path": out, "keys": [r.label, f"s{seed}", c]}
+                                   for seed in config["seeds"]]
+                               for c in ("kl_divergence", "l2_distance")}})
+    return {"table": 11, "title": "feature consistency between teacher and student",
+            "dataset": ds, "columns": ["kl_divergence", "l2_distance"],
+            "column_labels": {"kl_divergence": "KL", "l2_distance": "L2"}, "rows": rows,
+            "row_header": "Models", "scale": config.get("scale", "demo"),
+            "description": f"{teacher} teacher vs {student} students on the evaluation split: "
+                           "KL(teacher || student) of the softmax outputs and the L2 distance "
+                           "between feature maps at the distilled layer, per image, averaged. "
+                           "Rows with a transform compare the student with the transformed "
+                           "teacher; rows without, with the teacher's leading channels."}
+
+
+TABLE_PLANS = {
+    **{int(name.removeprefix("table")): (lambda n: comparison_plan(f"table{n}"))
+       for name in config.get("tables", {})},
+    **{n: ablation_plan for n in ablation_tables() if n <= 6},
+    **({10: overlap_plan} if 10 in ablation_tables() else {}),
+    **({11: consistency_plan} if 11 in ablation_tables() else {}),
+}
+
+
+def table_plan(n):
+    n = int(n)
+    if n not in TABLE_PLANS:
+        raise WorkflowError(f"table {n} is not configured; configured: "
+                            f"{', '.join(map(str, sorted(TABLE_PLANS)))}")
+    return TABLE_PLANS[n](n)
+
+
 def plan_inputs(plan):
-    paths = list(plan["teacher_results"])
+    """The files a table reads: run results, and analysis jsons."""
+    paths = list(plan.get("teacher_results", []))
     for row in plan["rows"]:
         for cell in row["cells"].values():
-            paths += cell
-    return paths
+            paths += [c if isinstance(c, str) else c["path"] for c in cell]
+    return sorted(set(paths))
 
 
-def table_names():
-    return list(config.get("tables", {}))
+def gathered_parts():
+    """What results/tables.md gathers, in the paper's order: tables, then Figure 1."""
+    parts = [f"{RESULTS}/table{n}.md" for n in sorted(TABLE_PLANS)]
+    if FIGURE1:
+        parts.append(f"{RESULTS}/figure1.png")
+    return parts

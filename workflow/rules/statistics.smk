@@ -1,17 +1,18 @@
-# Step 4: consistency statistics of a trained teacher/student pair over the training images.
+# Step 4: consistency statistics of a teacher/student pair over the training images. A pair
+# names each side's weights by a tag: s<seed> (trained) or s<seed>-init (theta0, Table 4).
 
 
 rule statistics:
     input:
-        teacher=lambda w: f"{model_dir(w.ds, w.teacher, w.tseed)}/final.pt",
-        student=lambda w: f"{model_dir(w.ds, w.student, w.seed)}/final.pt",
+        teacher=lambda w: weights_path(w.ds, w.teacher, w.tw),
+        student=lambda w: weights_path(w.ds, w.student, w.sw),
         data=lambda w: data_input(w.ds),
     output:
-        f"{RESULTS}/{{ds}}/stats/{{teacher}}-s{{tseed}}__{{student}}-s{{seed}}.pt",
+        f"{RESULTS}/{{ds}}/stats/{{teacher}}-{{tw}}__{{student}}-{{sw}}.pt",
     log:
-        log_path("{ds}", "statistics", "{teacher}-s{tseed}__{student}-s{seed}"),
+        log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
-        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.student}-s{w.seed}", w.ds),
+        launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.tw}-{w.student}-{w.sw}", w.ds),
         gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
     params:
         spec=stats_spec,

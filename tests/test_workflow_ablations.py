@@ -1,0 +1,132 @@
+"""End to end: Tables 1-6, 10, 11 and Figure 1 through the real DAG at the smallest scale.
+
+A CIFAR pair with unequal channel counts (ResNet-20 teacher, 64 channels; ResNet-20-0.5x
+student, 32), like the paper's ResNet-50 -> MobileNetV2-0.5x, on the tiny demo data.
+"""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.test_workflow import REPO, _config, _snakemake
+
+pytestmark = pytest.mark.slow
+TEACHER, STUDENT = "resnet20", "resnet20_0.5x"
+
+
+def _ablation_config() -> dict:
+    cfg = _config()
+    cfg["tables"]["table7"]["rows"] = ["Baseline", "FitNets", "Ours + FitNets"]
+    cfg["ablations"] = {
+        "dataset": "cifar100", "teacher": TEACHER, "student": STUDENT,
+        "tables": [1, 2, 3, 4, 5, 6, 10, 11], "reinit_seeds": [1], "dynamic_every": 2,
+        "groups": [0, 1, 2], "second_seed": 1, "overlap_k": [4, 0.25],
+        "learned": {"steps": 3, "lr": 1.0e-3, "batch_size": 16},
+    }
+    cfg["figure1"] = {"dataset": "cifar100", "teacher": TEACHER, "student": STUDENT,
+                      "class": "class_03", "seeds": [0, 1]}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ablations")
+    (work / "config").mkdir()
+    (work / "config" / "config.yaml").write_text(yaml.safe_dump(_ablation_config()))
+    dry = _snakemake(work, "results/tables.md", "-n", "--quiet", "rules")
+    assert dry.returncode == 0, dry.stderr[-4000:]
+    run = _snakemake(work, "results/tables.md")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return work, dry.stdout + dry.stderr
+
+
+def _runs(work, teacher_seed=0):
+    return work / "results" / "cifar100" / "runs" / f"{TEACHER}-s{teacher_seed}__{STUDENT}"
+
+
+def test_every_table_and_the_figure_are_built(built):
+    work, _ = built
+    md = (work / "results" / "tables.md").read_text()
+    for n in (1, 2, 3, 4, 5, 6, 7, 10, 11):
+        assert f"### Table {n}:" in md
+        assert (work / "results" / f"table{n}.tex").is_file()
+    assert "figure1.png" in md
+    assert (work / "results" / "figure1.png").stat().st_size > 1000
+    assert (work / "results" / "figure1.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_ablation_cells_come_from_their_runs(built):
+    work, _ = built
+    runs = _runs(work)
+    models = work / "results" / "cifar100" / "models"
+
+    def top1(path):
+        return json.loads(path.read_text())["top1"]
+
+    t1 = pd.read_csv(work / "results" / "table1.csv").set_index("row")
+    assert t1.loc["Baseline", STUDENT] == pytest.approx(top1(models / f"{STUDENT}-s0/result.json"))
+    assert t1.loc["Sub-net-FC", STUDENT] == pytest.approx(
+        top1(runs / "l2/subnet-fc-correlation/s0/result.json"))
+    assert t1.loc["Bipartite", f"{STUDENT}_paper"] == 68.35
+    t3 = pd.read_csv(work / "results" / "table3.csv").set_index("row")
+    assert t3.loc["a: S1 (theta1)", STUDENT] == pytest.approx(
+        top1(runs / "l2/bipartite-correlation@s0/s1/result.json"))
+    assert t3.loc["b: T1 (theta1)", STUDENT] == pytest.approx(
+        top1(_runs(work, 1) / "l2/bipartite-correlation@t0/s0/result.json"))
+    t4 = pd.read_csv(work / "results" / "table4.csv").set_index("row")
+    assert t4.loc["S0/T0", STUDENT] == pytest.approx(
+        top1(runs / "l2/bipartite-correlation@init-st/s0/result.json"))
+    assert t4.loc["S0/T0", f"{STUDENT}_paper"] == 67.47
+    t6 = pd.read_csv(work / "results" / "table6.csv").set_index("row")
+    assert t6.loc["K=2", STUDENT] == pytest.approx(
+        top1(runs / "l2/bipartite-correlation-k2/s0/result.json"))
+    assert t6.loc["K=0", STUDENT] == t1.loc["Baseline", STUDENT]
+
+
+def test_transform_sources_and_the_dynamic_run(built):
+    work, _ = built
+    transforms = work / "results" / "cifar100" / "transforms"
+    init_pair = transforms / f"{TEACHER}-s0-init__{STUDENT}-s0-init"
+    assert (init_pair / "bipartite-correlation.pt").is_file()
+    spec = json.loads((_runs(work) / "l2/bipartite-correlation+dyn/s0/result.json").read_text())
+    assert spec["spec"]["distill"]["dynamic_every"] == 2
+    from kcd.transforms import load_transform
+
+    k2 = load_transform(transforms / f"{TEACHER}-s0__{STUDENT}-s0/bipartite-correlation-k2.pt")
+    assert k2.meta["groups"] == 2
+
+
+def test_runs_are_shared_between_tables(built):
+    """The Bipartite / Correlation / S (theta0) / S/T / Static / K=1 cells are one run."""
+    dry = built[1]
+    cells = set()
+    work = built[0]
+    for n in (1, 2, 3, 4, 5, 6):
+        plan_rows = pd.read_csv(work / "results" / f"table{n}.csv")
+        for _, line in plan_rows.iterrows():
+            if line["transform"] == "bipartite-correlation" and line["method"] == "l2":
+                cells.add(line[STUDENT])
+    assert len(cells) == 1
+    distills = [line for line in dry.splitlines() if line.strip().startswith("distill ")]
+    # 2 table 7 runs + 4 (T1) + 4 (T2) + 2 (T3) + 3 (T4) + 1 (T5) + 1 (T6) + 1 (Ours) + 6 (T11)
+    assert distills and int(distills[0].split()[1]) == 24
+
+
+def test_analysis_tables_measure_what_they_say(built):
+    work, _ = built
+    t10 = pd.read_csv(work / "results" / "table10.csv").set_index("row")
+    assert list(t10.index) == ["S vs T", "S1 vs S2", "S vs T(T)"]
+    assert {"top4", "top25%"} <= set(t10.columns)
+    assert t10["top4"].between(0, 100).all()
+    assert pd.isna(t10.loc["S vs T", "top4_paper"])  # the paper has no top-4 column
+    t11 = pd.read_csv(work / "results" / "table11.csv").set_index("row")
+    assert (t11["kl_divergence"] >= 0).all() and (t11["l2_distance"] > 0).all()
+    assert t11.loc["Baseline (T vs trained S)", "l2_distance_paper"] == 277.19
+    assert pd.isna(t11.loc["Baseline (T vs trained S)", "note"])
+    assert t11.loc["Ours + RCO", "note"].startswith("row label inferred")
+    md = (work / "results" / "table11.md").read_text()
+    assert "Ours + RCO †" in md
+
