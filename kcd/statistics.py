@@ -37,6 +37,9 @@ from kcd.transforms import (
 
 
 
+FEATURE_CACHE_BYTES = 512 * 2**20  # learned transforms: replay the maps when they fit
+
+
 def _models(teacher: str, teacher_weights: str, student: str, student_weights: str,
             num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
     t = load_model(teacher, teacher_weights, num_classes, "teacher weights").to(device).eval()
@@ -171,9 +174,26 @@ def learn_transform(
     t, s = _models(teacher, teacher_weights, student, student_weights, num_classes, device)
 
     def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # The first pass keeps the feature maps while they fit in FEATURE_CACHE_BYTES; later
+        # passes replay them instead of running both networks again (the demo's whole set fits;
+        # at paper scale the maps stream).
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = []
+        size = 0
+        for ft, fs, _ in _feature_pairs(t, s, layers, data, batch_size, device):
+            pair = (ft.detach().float(), fs.detach().float())
+            if cache is not None:
+                size += sum(x.numel() * x.element_size() for x in pair)
+                if size <= FEATURE_CACHE_BYTES:
+                    cache.append(pair)
+                else:
+                    cache = None
+            yield pair
         while True:
-            for ft, fs, _ in _feature_pairs(t, s, layers, data, batch_size, device):
-                yield ft.detach().float(), fs.detach().float()
+            if cache:
+                yield from cache
+            else:
+                for ft, fs, _ in _feature_pairs(t, s, layers, data, batch_size, device):
+                    yield ft.detach().float(), fs.detach().float()
 
     module = fit_learned_transform(strategy, pairs(), metric=metric, steps=steps, lr=lr, seed=seed)
     module.meta.update({"teacher": teacher, "student": student, "layer": layers[1],

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.test_workflow import REPO, _config, _snakemake
+from tests.test_workflow import _config, _snakemake
 
 pytestmark = pytest.mark.slow
 TEACHER, STUDENT = "resnet20", "resnet20_0.5x"

@@ -423,8 +423,8 @@ def overlap_plan(n=10):
             "description": f"{student} students (seeds {config['seeds'][0]} and "
                            f"{ABLATIONS.get('second_seed', 1)}), {teacher} teacher and the "
                            f"teacher after the {KCD_TRANSFORM} transform (T(T)); per class, "
-                           "the top-k channels by class-averaged activation on the evaluation "
-                           "split, overlap averaged over classes, in percent."}
+                           "the top-k channels by class-averaged activation over the training "
+                           "images, overlap averaged over classes, in percent."}
 
 
 def consistency_plan(n=11):
