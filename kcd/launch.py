@@ -11,8 +11,15 @@ submitit's local executor, so a laptop exercises the same code path as the clust
 submits it with sbatch (GPUs, tasks, CPUs, memory, time and the cluster settings mapped to
 submitit parameters); ``debug`` runs it in this process. The job's own log is copied to this
 process's output, so the rule's log holds it; a failed job fails the rule with the tail of
-that log. SIGINT/SIGTERM cancel the job (``scancel`` on SLURM), leaving no orphans. On SLURM the
-job's state is checked at least every ``KCD_POLL_SECONDS`` (default 30) seconds.
+that log. On SLURM the job's state is checked at least every ``KCD_POLL_SECONDS`` (default 30)
+seconds.
+
+No orphan jobs: SIGINT (Ctrl-C reaches the whole foreground process group), SIGTERM and SIGHUP
+cancel the job (``scancel`` on SLURM) and end the launcher; a watchdog thread does the same when
+the Snakemake process that started the launcher is gone (killed with SIGKILL, say). SIGTERM to
+Snakemake alone reaches no job: Snakemake 9 answers it by waiting for its running jobs to
+finish. :func:`cancel_jobs_on_sigterm`, called in the Snakefile's ``onstart:``, makes Snakemake
+pass it on to its launchers first.
 
 Jobs are :class:`submitit.helpers.Checkpointable`: when SLURM preempts one or it reaches its
 time limit, submitit requeues it and the step resumes from its own checkpoint file.
@@ -28,6 +35,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +44,7 @@ from submitit.helpers import Checkpointable
 
 TAIL_LINES = 40
 POLL_SECONDS = float(os.environ.get("KCD_POLL_SECONDS", "30"))
+WATCH_SECONDS = 2.0  # how often the watchdog looks for the Snakemake process
 
 
 class KcdJob(Checkpointable):
@@ -111,6 +120,139 @@ def _job_log(job: submitit.Job) -> str:
         return ""
 
 
+# --------------------------------------------------------------------------- no orphan jobs
+
+
+def _proc_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, parent pid, start time) of a process from Linux's /proc; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 (state) onwards
+    return fields[0], int(fields[1]), fields[19]
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _snakemake_ancestor() -> tuple[int, str] | None:
+    """(pid, start time) of the nearest ancestor process that runs Snakemake, or None (not under
+    Snakemake, or no /proc)."""
+    pid = os.getppid()
+    while pid > 1:
+        stat = _proc_stat(pid)
+        if stat is None:
+            return None
+        if any(os.path.basename(arg) == b"snakemake" for arg in _cmdline(pid)[:3]):
+            return pid, stat[2]
+        pid = stat[1]
+    return None
+
+
+def _is_launcher(pid: int) -> bool:
+    argv = _cmdline(pid)
+    return any(a == b"-m" and b == b"kcd.launch" for a, b in zip(argv, argv[1:]))
+
+
+def _launchers_below(root: int) -> list[int]:
+    """The ``python -m kcd.launch`` processes among the descendants of ``root`` (Linux)."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+    for pid in pids:
+        stat = _proc_stat(pid)
+        if stat is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if _is_launcher(pid):
+            found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def cancel_jobs_on_sigterm() -> None:
+    """Make SIGTERM to Snakemake cancel the jobs of the launchers it runs; call it from the
+    Snakefile's ``onstart:`` (in Snakemake's main thread, after its scheduler set its handler).
+
+    Snakemake 9's own SIGTERM handler only stops scheduling and waits for the running jobs, which
+    on a cluster may take hours. The handler installed here first sends SIGTERM to every
+    ``kcd.launch`` process below Snakemake (each cancels its job, exits 143 and so fails its rule),
+    then calls Snakemake's handler, so Snakemake exits (non-zero) once those rules have failed.
+    Light rules that run in Snakemake's own shell are left to finish."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum, frame):
+        for pid in _launchers_below(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default action: terminate
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    try:
+        signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: leave Snakemake's handler alone
+        pass
+
+
+class _Canceller:
+    """Cancels the job and ends the launcher, once, on a signal or when Snakemake is gone."""
+
+    def __init__(self):
+        self.job: submitit.Job | None = None
+        self.pending: int | None = None  # a signal that came while the job was being submitted
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            # an ignored SIGINT/SIGHUP (a background job, nohup) stays ignored
+            if signum == signal.SIGTERM or signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum, frame=None) -> None:
+        if self.job is None:
+            self.pending = signum  # main() cancels as soon as the job has an id
+            return
+        self.cancel_and_exit(f"signal {signum}", 128 + signum)
+
+    def cancel_and_exit(self, why: str, code: int) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # another signal or the watchdog is already cancelling; it exits
+        print(f"kcd.launch: {why}, cancelling job {self.job.job_id}", flush=True)
+        try:
+            self.job.cancel(check=False)
+        finally:
+            os._exit(code)
+
+    def watch(self, snakemake: tuple[int, str]) -> None:
+        """In a daemon thread: cancel when the Snakemake process ``(pid, start time)`` has
+        exited (gone, a zombie, or its pid reused by another process)."""
+        pid, started = snakemake
+
+        def loop():
+            while True:
+                time.sleep(WATCH_SECONDS)
+                stat = _proc_stat(pid)
+                if stat is None or stat[0] in ("Z", "X") or stat[2] != started:
+                    self.cancel_and_exit(f"Snakemake (PID {pid}) is gone", 1)
+                    return
+
+        threading.Thread(target=loop, name="kcd-launch-watchdog", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -138,19 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.launcher == "debug":
         return KcdJob()(kcd_argv, args.cpus) or 0
     executor = build_executor(args)
+    canceller = _Canceller()
+    canceller.install()  # before sbatch: a signal during the submission cancels right after it
     job = executor.submit(KcdJob(), kcd_argv, args.cpus)
     print(f"kcd.launch: {args.launcher} job {job.job_id} ({args.name}); job log in "
           f"{Path(args.log_dir) / str(job.job_id)}", flush=True)
-
-    def cancel(signum, frame):  # Ctrl-C / SIGTERM from snakemake: no orphan jobs
-        print(f"kcd.launch: signal {signum}, cancelling job {job.job_id}", flush=True)
-        try:
-            job.cancel(check=False)
-        finally:
-            os._exit(128 + signum)
-
-    signal.signal(signal.SIGINT, cancel)
-    signal.signal(signal.SIGTERM, cancel)
+    canceller.job = job
+    if canceller.pending is not None:
+        canceller.on_signal(canceller.pending)
+    snakemake = _snakemake_ancestor()
+    if snakemake is not None:
+        canceller.watch(snakemake)
     try:
         _wait(job, args.launcher)
         if args.tasks * args.nodes > 1:

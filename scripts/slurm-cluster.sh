@@ -5,7 +5,7 @@
 #   sudo scripts/slurm-cluster.sh start /tmp/kcd-slurm      # install if needed, (re)start, wait idle
 #   eval "$(scripts/slurm-cluster.sh env /tmp/kcd-slurm)"   # SLURM_CONF + the sacct wrapper on PATH
 #   sinfo; sbatch --wrap hostname; squeue                   # ... or: snakemake --profile slurm ...
-#   sudo scripts/slurm-cluster.sh stop /tmp/kcd-slurm       # kill the daemons (by PID file)
+#   sudo scripts/slurm-cluster.sh stop /tmp/kcd-slurm       # cancel all jobs, kill the daemons
 #
 # What it does (Debian/Ubuntu, run as root; tested with Slurm 22.05 on Debian 12):
 #   * installs slurmctld, slurmd, slurm-client and munge with apt-get when they are missing
@@ -25,12 +25,15 @@
 # must see SLURM_CONF. `start` on a running cluster restarts it; `stop` on a stopped one does nothing.
 # DIR must be reachable by the munge user (e.g. a folder under /tmp, not under a 0700 home).
 # The daemons listen on the default ports 6817/6818: one such cluster per machine at a time.
+# Exit status of `start`: 0 up; 3 SLURM cannot be had here (not root, no apt-get, the install
+# failed, another slurmctld/slurmd runs); 1 any other failure (the cluster did not come up).
 set -euo pipefail
 
 PACKAGES=(slurmctld slurmd slurm-client munge)
 WAIT_S=60
 
 die() { echo "slurm-cluster.sh: error: $*" >&2; exit 1; }
+unavailable() { echo "slurm-cluster.sh: error: $*" >&2; exit 3; }
 say() { echo "slurm-cluster.sh: $*" >&2; }
 
 usage() {
@@ -50,14 +53,14 @@ have_packages() {
 
 install_packages() {
     have_packages && return 0
-    [[ $EUID -eq 0 ]] || die "SLURM is not installed and installing it needs root (apt-get install ${PACKAGES[*]})"
-    command -v apt-get >/dev/null || die "SLURM is not installed and there is no apt-get; install ${PACKAGES[*]} yourself"
+    [[ $EUID -eq 0 ]] || unavailable "SLURM is not installed and installing it needs root (apt-get install ${PACKAGES[*]})"
+    command -v apt-get >/dev/null || unavailable "SLURM is not installed and there is no apt-get; install ${PACKAGES[*]} yourself"
     say "installing ${PACKAGES[*]}"
     export DEBIAN_FRONTEND=noninteractive
     if ! apt-get install -y --no-install-recommends "${PACKAGES[@]}" >"$DIR/apt.log" 2>&1; then
-        apt-get update >>"$DIR/apt.log" 2>&1 || die "apt-get update failed, see $DIR/apt.log"
+        apt-get update >>"$DIR/apt.log" 2>&1 || unavailable "apt-get update failed, see $DIR/apt.log"
         apt-get install -y --no-install-recommends "${PACKAGES[@]}" >>"$DIR/apt.log" 2>&1 \
-            || die "apt-get install failed, see $DIR/apt.log"
+            || unavailable "apt-get install failed, see $DIR/apt.log"
     fi
     have_packages || die "installed ${PACKAGES[*]} but slurmctld/slurmd/sbatch/munged are not on PATH"
 }
@@ -80,7 +83,20 @@ kill_pidfile() {
     rm -f "$file"
 }
 
+# Cancel every job (10 s for them to end): killing slurmd would leave their processes running.
+cancel_jobs() {
+    local pid i
+    pid=$(cat "$DIR/run/slurmctld.pid" 2>/dev/null || true)
+    [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 0
+    SLURM_CONF="$CONF" timeout 10 scancel --partition=debug >/dev/null 2>&1 || return 0
+    for i in $(seq 20); do
+        [[ -z $(SLURM_CONF="$CONF" timeout 10 squeue -h -o %i 2>/dev/null || echo x) ]] && break
+        sleep 0.5
+    done
+}
+
 stop_cluster() {
+    cancel_jobs
     kill_pidfile "$DIR/run/slurmd.pid"
     kill_pidfile "$DIR/run/slurmctld.pid"
     kill_pidfile "$DIR/munge/munged.pid"
@@ -156,14 +172,15 @@ start_munge() {
 }
 
 start_cluster() {
-    [[ $EUID -eq 0 ]] || die "start needs root (slurmd runs jobs as their users)"
+    [[ $EUID -eq 0 ]] || unavailable "start needs root (slurmd runs jobs as their users)"
     mkdir -p "$DIR"
     chmod 0755 "$DIR"
     install_packages
     stop_cluster
     local other
-    other=$(pgrep -x 'slurmctld|slurmd' 2>/dev/null | tr '\n' ' ' || true)
-    [[ -z $other ]] || die "another slurmctld/slurmd is running (PID $other); stop it first (ports 6817/6818)"
+    # (two patterns: pgrep matches nothing with a pattern longer than 15 characters)
+    other=$( { pgrep -x slurmctld; pgrep -x slurmd; } 2>/dev/null | tr '\n' ' ' || true)
+    [[ -z $other ]] || unavailable "another slurmctld/slurmd is running (PID $other); stop it first (ports 6817/6818)"
     rm -rf "$DIR/state" "$DIR/log"
     mkdir -p "$DIR/state/ctld" "$DIR/state/d"
     write_conf

@@ -15,6 +15,7 @@ from kcd.config import (
     validate_config,
 )
 from kcd.errors import KcdError
+from kcd.launch import cancel_jobs_on_sigterm
 from kcd.specs import to_dict
 from kcd.naming import WILDCARD as TRANSFORM_NAMES, parse_transform_name, source_pair
 from kcd.analysis.overlap import column_name as overlap_column
