@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -49,6 +50,9 @@ EPS = 1e-8
 
 _STATS_FORMAT = "kcd.consistency_statistics"
 _L1_CHUNK_ELEMENTS = 1 << 20  # bound on the c_chunk x c_S float64 block of one cdist call
+_BLOCK_ROWS = (512, 2048)  # bounds on the samples buffered before one block matrix product
+_PIECE_ELEMENTS = 1 << 19  # bound on a piece x c float64 block of per-sample work
+_PRODUCT_ELEMENTS = 1 << 20  # bound on the c_chunk x c_S float32 block of one matrix product
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,6 +74,16 @@ def _ratio(cross: Tensor, sq_t: Tensor, sq_s: Tensor) -> Tensor:
     positive = product > 0
     ratio = cross / torch.sqrt(torch.where(positive, product, torch.ones_like(product)))
     return torch.where(positive, ratio, torch.zeros_like(ratio)).clamp(-1.0, 1.0)
+
+
+def _normalize_(cross: Tensor, sq_t: Tensor, sq_s: Tensor) -> Tensor:
+    """In place, ``cross[i, j] / sqrt(sq_t[i] sq_s[j])`` clipped to [-1, 1], 0 if a norm is 0.
+
+    :func:`_ratio` for the streaming results (no gradients): one pass, no c_T x c_S temporaries.
+    """
+    inv_t = torch.where(sq_t > 0, sq_t.rsqrt(), torch.zeros_like(sq_t))
+    inv_s = torch.where(sq_s > 0, sq_s.rsqrt(), torch.zeros_like(sq_s))
+    return cross.mul_(inv_t[:, None]).mul_(inv_s[None, :]).clamp_(-1.0, 1.0)
 
 
 def _channel_offset(x: Tensor) -> Tensor:
@@ -169,8 +183,10 @@ def _check_pair(feat_t: Any, feat_s: Any) -> tuple[Tensor, Tensor]:
             "pool features of the same samples from both networks"
         )
     for side, x in (("teacher", x_t), ("student", x_s)):
-        if not torch.isfinite(x).all():
-            raise KcdError(f"{side} features contain NaN or inf values")
+        # A NaN or inf makes the sum non-finite; only then (or on overflow) look at every value.
+        with torch.no_grad():
+            if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
+                raise KcdError(f"{side} features contain NaN or inf values")
     return x_t, x_s
 
 
@@ -223,6 +239,21 @@ def gamma(matrix: Tensor, channel_map: Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 
 _MOMENT_METRICS = frozenset({"l2", "cosine", "correlation"})
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A reusable uninitialised work tensor of ``shape``, one per name, dtype, device and thread.
+
+    Accumulators use it only inside one call, so all of a thread's accumulators share it; reusing
+    it avoids allocating (and page-faulting) large temporaries on every batch.
+    """
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    numel = math.prod(shape)
+    flat = pool.get((name, dtype, device))
+    if flat is None or flat.numel() < numel:
+        flat = pool[(name, dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return flat[:numel].view(shape)
 
 
 def _rescale_rows(values: Tensor, log_factor: Tensor) -> Tensor:
@@ -245,20 +276,34 @@ class ConsistencyStatistics:
 
     * ``l2``, ``cosine``, ``correlation``: per-channel first and second moments and the cross
       product ``sum_n a_ni b_nj``, of data shifted by a per-channel constant (the first batch's
-      mean, see :func:`_channel_offset`). The batch product ``XᵀY`` runs in float32 for speed and
-      is added into float64 sums; every metric is derived from the sums in float64. Shifting keeps
-      the sums well conditioned when features have mean ≫ std. The float32 product limits the
-      precision of an L2 distance between near-identical channels to ~1e-7 of the channel norms.
+      mean, see :func:`_channel_offset`). Shifting keeps the sums well conditioned when features
+      have mean ≫ std. The per-channel sums are float64. The cross product is one float32 matrix
+      product ``XᵀY`` per block of samples (see Memory), added into a float64 sum; every metric is
+      derived from the sums in float64. The float32 product limits the precision of an L2
+      distance between near-identical channels to ~1e-7 of the channel norms (at N=50k, c=256 the
+      largest errors against float64 are ~2e-8 for correlation/cosine and ~1e-7 relative for kl).
     * ``kl``: a streaming log-sum-exp per channel on the shifted data (a softmax over samples is
       shift invariant): for teacher channel i the running maximum ``m_i``,
       ``Z_i = sum exp(a_ni - m_i)`` and ``U_i = sum exp(a_ni - m_i) a_ni``; for student channel j
-      ``m'_j`` and ``Z'_j``; and ``V_ij = sum_n exp(a_ni - m_i) b_nj`` (one float32 matmul per
-      batch, rescaled when a maximum grows). Then
-      ``KL_ij = (U_i - V_ij) / Z_i - (m_i + log Z_i) + (m'_j + log Z'_j)``.
+      ``m'_j`` and ``Z'_j`` (all float64, per batch); and ``V_ij = sum_n exp(a_ni - m_i) b_nj``
+      (one float32 matrix product per block, its rows rescaled in float64 when a maximum grows).
+      Then ``KL_ij = (U_i - V_ij) / Z_i - (m_i + log Z_i) + (m'_j + log Z'_j)``.
     * ``l1``: no sufficient statistic exists, so ``sum_n |a_ni - b_nj|`` is accumulated exactly
       with float64 ``torch.cdist(p=1)`` per batch, in chunks of teacher channels that bound the
       temporary memory. Costs O(N c_T c_S) like the moments' matmul but runs about 20 times
       slower, since ``|x - y|`` has no fast matrix-product kernel.
+
+    Memory: the state (``c_T x c_S`` float64 per matrix statistic, vectors otherwise) plus, for
+    every metric but ``l1``, a buffer of the shifted samples not yet multiplied (float32,
+    ``rows x (c_T + c_S)``; :attr:`workspace_bytes`). It grows with the samples up to one block of
+    ``4 c_T c_S / (c_T + c_S)`` rows clamped to 512..2048 (``_BLOCK_ROWS``): at most two
+    ``c_T x c_S`` float64 matrices' worth beyond 512 rows, e.g. 32 MiB for ``c_T = c_S = 2048``
+    beside a 64 MiB state. Work tensors for blocks of samples and of products (bounded by
+    ``_PIECE_ELEMENTS`` and ``_PRODUCT_ELEMENTS``, 20 MiB at c=2048) are shared by all
+    accumulators of a thread. Nothing grows with N. The buffer is multiplied in when the block is
+    full and before :meth:`matrix`, :meth:`state_dict` and :meth:`merge`, so results always cover
+    every sample given to :meth:`update`; blocks start every block length of samples, whatever the
+    batch sizes, until a read multiplies in a partial block.
 
     The state lives on ``device``; :meth:`matrix` returns float64 CPU tensors.
     """
@@ -282,12 +327,33 @@ class ConsistencyStatistics:
         self.device = torch.device(device)
         self.n = 0
         self._state = self._empty_state()
+        # Samples waiting for the next block product: float32 shifted features, rows [0, _fill).
+        self._rows_t: Tensor | None = None
+        self._rows_s: Tensor | None = None
+        self._fill = 0
+        # Block length: 2 c_T c_S / (c_T + c_S) * 2 rows keeps the buffer within two c_T x c_S
+        # float64 matrices; 512..2048 rows make the float64 additions of the products cheap.
+        self._block_rows = min(_BLOCK_ROWS[1],
+                               max(_BLOCK_ROWS[0], 4 * c_t * c_s // (c_t + c_s)))
+        # The maxima that V is expressed against; equal to the state's max_t after every flush.
+        self._v_max = self._state["max_t"].clone() if "kl" in self.metrics else None
 
     # ---- state layout ---------------------------------------------------------------------
 
     @property
     def _moments(self) -> bool:
         return not _MOMENT_METRICS.isdisjoint(self.metrics)
+
+    @property
+    def _buffered(self) -> bool:
+        """Whether a metric needs the block products (every metric but l1)."""
+        return self._moments or "kl" in self.metrics
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of this accumulator's sample buffer (not counting the state); bounded, not ∝ N."""
+        return sum(t.numel() * t.element_size() for t in (self._rows_t, self._rows_s)
+                   if t is not None)
 
     def _empty_state(self) -> dict[str, Tensor]:
         c_t, c_s = self.c_t, self.c_s
@@ -318,38 +384,115 @@ class ConsistencyStatistics:
                     f"{side} batch has {x.shape[1]} channels but this accumulator expects "
                     f"c_{side[0].upper()}={count}"
                 )
-        a = x_t.detach().to(self.device, torch.float64)
-        b = x_s.detach().to(self.device, torch.float64)
+        x_t, x_s = x_t.detach().to(self.device), x_s.detach().to(self.device)
         st = self._state
         if self.n == 0:
-            st["shift_t"].copy_(_channel_offset(a))
-            st["shift_s"].copy_(_channel_offset(b))
-        a_shift, b_shift = a - st["shift_t"], b - st["shift_s"]
-        if self._moments:
-            st["sum_t"].add_(a_shift.sum(0))
-            st["sum_s"].add_(b_shift.sum(0))
-            st["sq_t"].add_((a_shift * a_shift).sum(0))
-            st["sq_s"].add_((b_shift * b_shift).sum(0))
-            st["cross"].add_(a_shift.float().T @ b_shift.float())
-        if "kl" in self.metrics:
-            self._update_kl(a_shift, b_shift)
+            st["shift_t"].copy_(_channel_offset(x_t.double()))
+            st["shift_s"].copy_(_channel_offset(x_s.double()))
+        if self._buffered:
+            rows = x_t.shape[0]
+            block = self._block_rows
+            piece = max(1, min(block, _PIECE_ELEMENTS // max(self.c_t, self.c_s)))
+            start = 0
+            while start < rows:
+                k = min(piece, rows - start, block - self._fill)
+                self._add_piece(x_t[start:start + k], x_s[start:start + k])
+                start += k
+                if self._fill == block:
+                    self._flush()
         if "l1" in self.metrics:
-            self._update_l1(a, b)
-        self.n += a.shape[0]
+            self._update_l1(x_t.double(), x_s.double())
+        self.n += x_t.shape[0]
 
-    def _update_kl(self, a: Tensor, b: Tensor) -> None:
+    def _add_piece(self, x_t: Tensor, x_s: Tensor) -> None:
+        """Per-channel float64 statistics of a few samples; buffer them for the block product."""
+        st, k = self._state, x_t.shape[0]
+        a = _scratch("a", (k, self.c_t), torch.float64, self.device)
+        b = _scratch("b", (k, self.c_s), torch.float64, self.device)
+        a.copy_(x_t).sub_(st["shift_t"])
+        b.copy_(x_s).sub_(st["shift_s"])
+        if self._moments:
+            for x, total, squares in ((a, "sum_t", "sq_t"), (b, "sum_s", "sq_s")):
+                st[total].add_(x.sum(0))
+                work = _scratch("work", tuple(x.shape), torch.float64, self.device)
+                st[squares].add_(torch.mul(x, x, out=work).sum(0))
+        if "kl" in self.metrics:
+            for x, top, z, u in ((a, "max_t", "z_t", "u_t"), (b, "max_s", "z_s", None)):
+                new = torch.maximum(st[top], x.amax(0))
+                for key in (z, u) if u else (z,):
+                    _rescale_rows(st[key], st[top] - new)
+                st[top].copy_(new)
+                weights = _scratch("work", tuple(x.shape), torch.float64, self.device)
+                torch.sub(x, new, out=weights).exp_()
+                st[z].add_(weights.sum(0))
+                if u:
+                    st[u].add_(weights.mul_(x).sum(0))
+        self._reserve(self._fill + k)
+        self._rows_t[self._fill:self._fill + k].copy_(a)
+        self._rows_s[self._fill:self._fill + k].copy_(b)
+        self._fill += k
+
+    def _reserve(self, rows: int) -> None:
+        """Grow the sample buffer (doubling, up to the block length) to hold ``rows`` samples."""
+        held = 0 if self._rows_t is None else self._rows_t.shape[0]
+        if rows <= held:
+            return
+        size = min(self._block_rows, max(rows, 2 * held, 64))
+        grown = []
+        for old, count in ((self._rows_t, self.c_t), (self._rows_s, self.c_s)):
+            new = torch.empty(size, count, dtype=torch.float32, device=self.device)
+            if old is not None:
+                new[:self._fill].copy_(old[:self._fill])
+            grown.append(new)
+        self._rows_t, self._rows_s = grown
+
+    def _flush(self) -> None:
+        """Multiply the buffered samples into the cross-product sums and empty the buffer."""
+        k = self._fill
+        if k == 0:
+            return
         st = self._state
-        max_t = torch.maximum(st["max_t"], a.amax(0))
-        max_s = torch.maximum(st["max_s"], b.amax(0))
-        weights = torch.exp(a - max_t)
-        self._absorb_kl(
-            max_t=max_t, z_t=weights.sum(0), u_t=(weights * a).sum(0),
-            max_s=max_s, z_s=torch.exp(b - max_s).sum(0), v=weights.float().T @ b.float(),
-        )
+        a, b = self._rows_t[:k], self._rows_s[:k]
+        if self._moments:
+            self._add_product(st["cross"], a, b)
+        if "kl" in self.metrics:
+            top = st["max_t"]
+            _rescale_rows(st["v"], self._v_max - top)
+            # float32 weights exp(a - fl(m)) <= 1 (rounding keeps a <= fl(m)); the float64 factor
+            # exp(fl(m) - m) puts V back against the exact maxima m.
+            top32 = top.float()
+            a.sub_(top32).exp_()  # the buffer is spent: overwrite it with the weights
+            self._add_product(st["v"], a, b, row_scale=torch.exp(top32.double() - top))
+            self._v_max.copy_(top)
+        self._fill = 0
+
+    def _add_product(self, total: Tensor, a: Tensor, b: Tensor,
+                     row_scale: Tensor | None = None) -> None:
+        """``total += row_scale[:, None] * aᵀb``: float32 products added in float64, by chunks."""
+        chunk = max(1, _PRODUCT_ELEMENTS // self.c_s)
+        for start in range(0, self.c_t, chunk):
+            rows = min(chunk, self.c_t - start)
+            product = _scratch("product", (rows, self.c_s), torch.float32, self.device)
+            torch.mm(a[:, start:start + rows].T, b, out=product)
+            wide = _scratch("work", (rows, self.c_s), torch.float64, self.device).copy_(product)
+            if row_scale is not None:
+                wide.mul_(row_scale[start:start + rows, None])
+            total[start:start + rows].add_(wide)
+
+    def _update_l1(self, a: Tensor, b: Tensor) -> None:
+        a_channels, b_channels = a.T.contiguous(), b.T.contiguous()
+        chunk = max(1, _L1_CHUNK_ELEMENTS // self.c_s)
+        for start in range(0, self.c_t, chunk):
+            self._state["l1"][start:start + chunk].add_(
+                torch.cdist(a_channels[start:start + chunk], b_channels, p=1)
+            )
 
     def _absorb_kl(self, max_t: Tensor, z_t: Tensor, u_t: Tensor, max_s: Tensor, z_s: Tensor,
                    v: Tensor) -> None:
-        """Add log-sum-exp statistics of other samples (in this accumulator's shift)."""
+        """Add log-sum-exp statistics of other samples (in this accumulator's shift).
+
+        This accumulator's buffer must be empty (V against the state's maxima).
+        """
         st = self._state
         new_t, new_s = torch.maximum(st["max_t"], max_t), torch.maximum(st["max_s"], max_s)
         if self.n:
@@ -363,14 +506,7 @@ class ConsistencyStatistics:
         st["z_s"].add_(_rescale_rows(z_s, max_s - new_s))
         st["max_t"].copy_(new_t)
         st["max_s"].copy_(new_s)
-
-    def _update_l1(self, a: Tensor, b: Tensor) -> None:
-        a_channels, b_channels = a.T.contiguous(), b.T.contiguous()
-        chunk = max(1, _L1_CHUNK_ELEMENTS // self.c_s)
-        for start in range(0, self.c_t, chunk):
-            self._state["l1"][start:start + chunk].add_(
-                torch.cdist(a_channels[start:start + chunk], b_channels, p=1)
-            )
+        self._v_max.copy_(new_t)
 
     @torch.no_grad()
     def merge(self, other: ConsistencyStatistics) -> None:
@@ -390,10 +526,14 @@ class ConsistencyStatistics:
             )
         if other.n == 0:
             return
+        self._flush()
+        other._flush()
         theirs = {key: value.to(self.device) for key, value in other._state.items()}
         if self.n == 0:
             self._state = {key: value.clone() for key, value in theirs.items()}
             self.n = other.n
+            if self._v_max is not None:
+                self._v_max = self._state["max_t"].clone()
             return
         st, n = self._state, other.n
         d_t, d_s = theirs["shift_t"] - st["shift_t"], theirs["shift_s"] - st["shift_s"]
@@ -432,41 +572,49 @@ class ConsistencyStatistics:
             )
         if self.n == 0:
             raise KcdError("no samples accumulated yet; call update() with pooled features first")
+        self._flush()
         st, n = self._state, self.n
+        # In-place arithmetic on one or two c_T x c_S temporaries: these matrices can be large.
         if metric == "l1":
-            result = _inverse(st["l1"])
+            result = st["l1"].add(EPS).reciprocal_()
         elif metric == "kl":
             log_norm_t = st["max_t"] + torch.log(st["z_t"])
             log_norm_s = st["max_s"] + torch.log(st["z_s"])
-            kl = ((st["u_t"][:, None] - st["v"]) / st["z_t"][:, None]
-                  - log_norm_t[:, None] + log_norm_s[None, :])
-            result = _inverse(kl.clamp_min(0.0))
+            result = torch.sub(st["u_t"][:, None], st["v"]).div_(st["z_t"][:, None])
+            result.sub_(log_norm_t[:, None]).add_(log_norm_s[None, :])
+            result.clamp_min_(0.0).add_(EPS).reciprocal_()
         elif metric == "correlation":
-            cov = st["cross"] - torch.outer(st["sum_t"], st["sum_s"]) / n
+            result = torch.outer(st["sum_t"], st["sum_s"]).div_(-n).add_(st["cross"])  # covariance
             var_t = (st["sq_t"] - st["sum_t"] ** 2 / n).clamp_min(0.0)
             var_s = (st["sq_s"] - st["sum_s"] ** 2 / n).clamp_min(0.0)
-            result = _ratio(cov, var_t[:, None], var_s[None, :])
+            _normalize_(result, var_t, var_s)
         else:
             # Raw sums from shifted ones: a = a' + shift_t, b = b' + shift_s.
             shift_t, shift_s = st["shift_t"], st["shift_s"]
             if metric == "cosine":
-                dot = (st["cross"] + torch.outer(shift_t, st["sum_s"])
-                       + torch.outer(st["sum_t"], shift_s) + n * torch.outer(shift_t, shift_s))
+                # dot = cross + shift_t (sum_s + n shift_s)ᵀ + sum_t shift_sᵀ
+                result = torch.outer(shift_t, st["sum_s"] + n * shift_s).add_(st["cross"])
+                result.addr_(st["sum_t"], shift_s)
                 sq_t = st["sq_t"] + 2 * shift_t * st["sum_t"] + n * shift_t ** 2
                 sq_s = st["sq_s"] + 2 * shift_s * st["sum_s"] + n * shift_s ** 2
-                result = _ratio(dot, sq_t[:, None], sq_s[None, :])
-            else:  # l2: ||a - b||² = ||a' - b'||² + 2 δ sum(a' - b') + n δ², δ = shift_t - shift_s
+                _normalize_(result, sq_t, sq_s)
+            else:  # l2: ||a - b||² = ||a' - b'||² + δ (2 sum(a' - b') + n δ), δ = shift_t - shift_s
                 delta = shift_t[:, None] - shift_s[None, :]
-                squared = (st["sq_t"][:, None] + st["sq_s"][None, :] - 2 * st["cross"]
-                           + 2 * delta * (st["sum_t"][:, None] - st["sum_s"][None, :])
-                           + n * delta ** 2)
-                result = _inverse(torch.sqrt(squared.clamp_min(0.0)))
+                result = torch.sub(st["sum_t"][:, None], st["sum_s"][None, :]).mul_(2)
+                result.add_(delta, alpha=n).mul_(delta)
+                result.add_(st["sq_t"][:, None]).add_(st["sq_s"][None, :])
+                result.add_(st["cross"], alpha=-2)
+                result.clamp_min_(0.0).sqrt_().add_(EPS).reciprocal_()
         return result.cpu()
 
     # ---- persistence ----------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """A plain dictionary (tensors, str, int) that ``torch.load(weights_only=True)`` reads."""
+        """A plain dictionary (tensors, str, int) that ``torch.load(weights_only=True)`` reads.
+
+        Buffered samples are multiplied in first, so the state covers every sample seen.
+        """
+        self._flush()
         return {
             "format": _STATS_FORMAT,
             "c_t": self.c_t,
@@ -493,6 +641,9 @@ class ConsistencyStatistics:
             raise KcdError("state dictionary holds the wrong statistics for these metrics")
         self._state = {key: tensors[key].to(self.device, torch.float64) for key in self._state}
         self.n = int(state["n"])
+        self._fill = 0  # the loaded state replaces any buffered samples
+        if self._v_max is not None:
+            self._v_max = self._state["max_t"].clone()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to ``path`` atomically (readable with ``weights_only=True``)."""

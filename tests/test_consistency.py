@@ -273,3 +273,71 @@ def test_load_rejects_other_files(tmp_path):
     stats = ConsistencyStatistics(3, 2, ["l2"])
     with pytest.raises(KcdError, match="does not fit c_T=3, c_S=2"):
         stats.load_state_dict(ConsistencyStatistics(3, 3, ["l2"]).state_dict())
+
+
+# ---- block buffering ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 8 samples, pieces of 2 samples, products of 2 teacher channels at a time."""
+    import kcd.consistency as consistency
+
+    monkeypatch.setattr(consistency, "_BLOCK_ROWS", (4, 8))
+    monkeypatch.setattr(consistency, "_PIECE_ELEMENTS", 2 * C_T)
+    monkeypatch.setattr(consistency, "_PRODUCT_ELEMENTS", 2 * C_S)
+
+
+@pytest.mark.parametrize("split", [*SPLITS, "larger than a block"])
+@pytest.mark.parametrize("mean", [0.0, 50.0])
+def test_streaming_across_blocks_matches_reference(small_blocks, split, mean):
+    a, b = features(mean=mean, seed=9)
+    ramp = np.linspace(0.0, 3.0, N)[:, None]  # maxima keep growing: V is rescaled at every block
+    a, b = a + ramp, b - ramp
+    sizes = [23, 37] if split == "larger than a block" else SPLITS[split]
+    stats = stream(a, b, sizes)
+    assert stats._block_rows == 8
+    for metric in METRICS:
+        assert_matches(stats.matrix(metric), reference(a, b, metric), metric)
+
+
+def test_reads_between_updates_flush_the_buffer(small_blocks, tmp_path):
+    a, b = features(seed=10)
+    stats = ConsistencyStatistics(C_T, C_S)
+    for start, stop in [(0, 5), (5, 21), (21, 30), (30, 45), (45, N)]:
+        stats.update(torch.from_numpy(a[start:stop]), torch.from_numpy(b[start:stop]))
+        for metric in METRICS:  # mid-block reads see every sample so far
+            assert_matches(stats.matrix(metric), reference(a[:stop], b[:stop], metric), metric)
+        stats.save(tmp_path / "mid.pt")
+        loaded = ConsistencyStatistics.load(tmp_path / "mid.pt")
+        assert loaded.n == stop
+        for metric in METRICS:
+            assert torch.equal(loaded.matrix(metric), stats.matrix(metric))
+
+
+def test_merge_flushes_both_buffers(small_blocks):
+    a, b = features(seed=11)
+    first = stream(a[:21], b[:21], [5, 16])  # 5 samples still buffered
+    second = stream(a[21:], b[21:], [30, 9])  # 7 samples still buffered
+    assert first._fill and second._fill
+    first.merge(second)
+    for metric in METRICS:
+        assert_matches(first.matrix(metric), reference(a, b, metric), metric)
+
+
+def test_sample_buffer_is_bounded(small_blocks):
+    a, b = features(seed=12)
+    stats = ConsistencyStatistics(C_T, C_S)
+    sizes = []
+    for _ in range(5):
+        stats.update(torch.from_numpy(a), torch.from_numpy(b))
+        sizes.append(stats.workspace_bytes)
+    assert sizes == [8 * (C_T + C_S) * 4] * 5  # one block of float32 rows, whatever N
+    l1_only = stream(a, b, [N], metrics=["l1"])
+    assert l1_only.workspace_bytes == 0
+
+
+def test_huge_finite_features_are_not_mistaken_for_inf():
+    big = torch.full((8, 3), 3e38)  # their float32 sum overflows; every value is finite
+    ConsistencyStatistics(3, 3, ["l2"]).update(big, big)
+    assert consistency_matrix(big, big, "l1").shape == (3, 3)
