@@ -288,6 +288,48 @@ def cmd_figure1(args: argparse.Namespace) -> None:
     _summary(f"figure 1 -> {png}, {pdf}")
 
 
+def cmd_detect_init(args: argparse.Namespace) -> None:
+    from kcd.detection import init_detector
+
+    path = _job(args, init_detector)
+    _summary(f"detector theta0 -> {path}")
+
+
+def cmd_detect_train(args: argparse.Namespace) -> None:
+    from kcd.detection import spec_from_dict, train_detector
+    from kcd.specs import to_dict
+
+    if not args.spec:
+        raise KcdError("detect-train needs --spec (the run as JSON, as the workflow writes it)")
+    text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
+    try:
+        spec = spec_from_dict(json.loads(text))
+    except ValueError as e:
+        raise KcdError(f"--spec is not valid JSON: {e}") from None
+    tags = {k: str(v) for k, v in spec.tags.items()}
+    params = {**spec.tags, "recipe": to_dict(spec.recipe),
+              "distill": to_dict(spec.distill) if spec.distill else None}
+    with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
+                  tags) as tracker:
+        result = train_detector(spec, tracker=tracker, progress=not args.quiet)
+        if tracker is not None:
+            tracker.log_artifact(Path(spec.out_dir) / "result.json")
+    _summary(f"{_run_name(spec.tags)}: AP {result['AP']:.2f} AP50 {result['AP50']:.2f} -> "
+             f"{spec.out_dir}")
+
+
+def cmd_detect_statistics(args: argparse.Namespace) -> None:
+    from kcd.detection import detection_statistics
+    from kcd.specs import DataSpec, from_dict
+
+    def run(*, data: dict, **kwargs: Any) -> dict:
+        return detection_statistics(data=from_dict(DataSpec, data), progress=not args.quiet,
+                                    **kwargs)
+
+    info = _job(args, run)
+    _summary(f"detection statistics: {json.dumps(info)}")
+
+
 def cmd_table(args: argparse.Namespace) -> None:
     from kcd.tables import write_table
 
@@ -435,6 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, fn, text, config=False)
         p.add_argument("--spec", required=True, help="the job as JSON (text or file), as the "
                                                       "workflow writes it")
+
+    for name, fn, text in (
+        ("detect-init", cmd_detect_init, "Table 9: theta0 of a Faster R-CNN + FPN detector"),
+        ("detect-statistics", cmd_detect_statistics,
+         "Table 9: consistency statistics of two trained detectors' backbones"),
+    ):
+        p = add(name, fn, text, config=False)
+        p.add_argument("--spec", required=True, help="the job as JSON (text or file)")
+    p = add("detect-train", cmd_detect_train, "Table 9: pre-train or distil a detector")
+    _tracked(p)
 
     p = add("table", cmd_table, "build one of the paper's tables from run results",
             config=False)

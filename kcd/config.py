@@ -124,6 +124,7 @@ def validate_config(cfg: dict) -> dict:
                                f"{', '.join(COMPARISON_ROWS.names())}")
     _validate_ablations(cfg)
     _validate_figure1(cfg)
+    _validate_detection(cfg)
     for ds, recipes in cfg.get("recipes", {}).items():
         for arch, r in recipes.items():
             if arch != "default":
@@ -178,6 +179,74 @@ def _validate_figure1(cfg: dict) -> None:
     if isinstance(c, int) and classes and not 0 <= c < classes:
         raise KcdError(f"config key figure1.class: class {c} does not exist; "
                        f"{f['dataset']} has classes 0..{classes - 1}")
+
+
+def _validate_detection(cfg: dict) -> None:
+    d = cfg.get("detection")
+    if not d:
+        return
+    from kcd.detection import BACKBONES
+
+    _known_dataset(cfg, d["dataset"], "detection.dataset")
+    for i, b in enumerate([d["teacher"], *d["students"]]):
+        if b not in BACKBONES:
+            key = "detection.teacher" if i == 0 else "detection.students"
+            raise KcdError(f"config key {key}: unknown detector backbone '{b}'; known: "
+                           f"{', '.join(BACKBONES)}")
+    if d.get("min_size", 800) > d.get("max_size", 1333):
+        raise KcdError("config key detection.min_size: larger than detection.max_size")
+
+
+def _detection(cfg: dict) -> dict:
+    d = cfg.get("detection")
+    if not d:
+        raise KcdError("config key detection is missing; add it to build Table 9")
+    return d
+
+
+def detection_init_args(cfg: dict, backbone: str, seed: int, path: str) -> dict:
+    """The keyword arguments of :func:`kcd.detection.init_detector` (theta0 of a detector)."""
+    d = _detection(cfg)
+    return {"backbone": backbone, "num_classes": num_classes(cfg, d["dataset"]), "seed": seed,
+            "path": path, "fpn_channels": int(d.get("fpn_channels", 256)),
+            "representation_size": int(d.get("representation_size", 1024))}
+
+
+def detection_spec(cfg: dict, *, backbone: str, seed: int, theta0: str, out_dir: str,
+                   teacher: str | None = None, teacher_weights: str | None = None,
+                   transform: str | None = None, tags: dict | None = None):
+    """The :class:`kcd.detection.DetectionSpec` of a detector's pre-training or distillation."""
+    from kcd.detection import ANCHOR_SIZES, spec_from_dict
+
+    d = _detection(cfg)
+    ds = d["dataset"]
+    distill = None
+    if teacher is not None:
+        distill = {"teacher": teacher, "teacher_weights": teacher_weights, "method": "l2",
+                   "weight": float(d.get("weight", 1e-4)), "transform": transform}
+    return spec_from_dict({
+        "backbone": backbone, "seed": seed, "num_classes": num_classes(cfg, ds),
+        "theta0": theta0, "out_dir": out_dir, "data": data_spec(cfg, ds).__dict__,
+        "recipe": recipe(cfg, ds, backbone).__dict__,
+        "min_size": int(d.get("min_size", 800)), "max_size": int(d.get("max_size", 1333)),
+        "anchor_sizes": list(d.get("anchor_sizes", ANCHOR_SIZES)),
+        "options": dict(d.get("options", {})),
+        "warmup_iterations": int(d.get("warmup_iterations", 0)), "distill": distill,
+        "tags": {"dataset": ds, "student": backbone, "seed": seed,
+                 "method": "l2" if teacher else "pretrain", **(tags or {})},
+    })
+
+
+def detection_statistics_args(cfg: dict, *, teacher: str, teacher_weights: str, student: str,
+                              student_weights: str, out: str) -> dict:
+    """The keyword arguments of :func:`kcd.detection.detection_statistics` (JSON-ready)."""
+    d = _detection(cfg)
+    metric = cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]
+    return {"teacher": teacher, "teacher_weights": teacher_weights, "student": student,
+            "student_weights": student_weights, "data": data_spec(cfg, d["dataset"]).__dict__,
+            "num_classes": num_classes(cfg, d["dataset"]), "out": out,
+            "min_size": int(d.get("min_size", 800)), "max_size": int(d.get("max_size", 1333)),
+            "metrics": [metric], "batch_size": int(d.get("statistics_batch_size", 8))}
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,7 +87,7 @@ class DemoSizes:
     coco_categories: int = 4
     coco_train_images: int = 200
     coco_val_images: int = 50
-    coco_image_size: int = 128
+    coco_image_size: int = 64  # the demo detectors (kcd.detection) run at this size
 
     @classmethod
     def tiny(cls) -> "DemoSizes":

@@ -9,6 +9,9 @@ from snakemake.exceptions import WorkflowError
 from kcd.config import (
     anchor_iterations,
     data_spec,
+    detection_init_args,
+    detection_spec,
+    detection_statistics_args,
     num_classes,
     statistics_spec,
     train_spec,
@@ -51,6 +54,10 @@ TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
 
 ABLATIONS = config.get("ablations") or {}
 FIGURE1 = config.get("figure1") or {}
+DETECTION = config.get("detection") or {}
+# Detection datasets have their own rules (rules/detection.smk) on the same layout.
+DETECTION_DATASETS = "coco"
+CLASSIFICATION_DATASETS = r"(?!coco\b)[a-z0-9]+"
 
 METRICS = "l1|l2|correlation|cosine|kl"
 STATS_TRANSFORM_FILES = rf"(identity|random|greedy|bipartite)-({METRICS})(-k([2-9]|[1-9]\d+))?"
@@ -448,12 +455,70 @@ def consistency_plan(n=11):
                            "teacher; rows without, with the teacher's leading channels."}
 
 
+# --------------------------------------------------------------------------- detection
+
+
+def detect_init_spec(w):
+    return json.dumps(detection_init_args(config, w.arch, int(w.seed),
+                                          theta0_path(w.ds, w.arch, w.seed)))
+
+
+def detect_pretrain_spec(w):
+    return spec_json(detection_spec(
+        config, backbone=w.arch, seed=int(w.seed), theta0=theta0_path(w.ds, w.arch, w.seed),
+        out_dir=model_dir(w.ds, w.arch, w.seed)))
+
+
+def detect_distill_spec(w):
+    return spec_json(detection_spec(
+        config, backbone=w.student, seed=int(w.seed),
+        theta0=theta0_path(w.ds, w.student, w.seed),
+        out_dir=run_dir(w.ds, w.teacher, w.tseed, w.student, w.method, w.transform, w.seed),
+        teacher=w.teacher, teacher_weights=f"{model_dir(w.ds, w.teacher, w.tseed)}/final.pt",
+        transform=run_transform_path(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
+        tags={"teacher": w.teacher, "teacher_seed": int(w.tseed), "transform": w.transform}))
+
+
+def detect_stats_spec(w):
+    return json.dumps(detection_statistics_args(
+        config, teacher=w.teacher, teacher_weights=weights_path(w.ds, w.teacher, w.tw),
+        student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
+        out=stats_path(w.ds, w.teacher, w.tw, w.student, w.sw)), sort_keys=True)
+
+
+def detection_plan(n=9):
+    """Table 9: AP of each student pre-trained, with L2 and with Ours, and of the teacher."""
+    d = DETECTION
+    ds, teacher = d["dataset"], d["teacher"]
+    rows = []
+    for label, method, transform in (("Student", "baseline", "none"), ("L2", "l2", "none"),
+                                     ("Ours", "l2", KCD_TRANSFORM)):
+        rows.append({"label": label, "paper": [["setting", label]],
+                     "cells": {s: [run_result(ds, teacher, TSEED, s, method, transform, seed)
+                                   for seed in config["seeds"]] for s in d["students"]}})
+    return {
+        "table": 9, "title": "object detection on COCO: Faster R-CNN + FPN, KCD on the backbone",
+        "dataset": ds, "teacher": teacher, "metric": "AP",
+        "teacher_results": [f"{model_dir(ds, teacher, TSEED)}/result.json"],
+        "teacher_paper": {"match": [["setting", "Teacher"], ["backbone", teacher]],
+                          "column": "AP"},
+        "columns": list(d["students"]), "paper_column_key": "backbone", "paper_value": "AP",
+        "rows": rows, "scale": config.get("scale", "demo"),
+        "description": f"COCO box AP (%) on the evaluation split; {teacher} teacher; students "
+                       "by backbone. L2: feature L2 at the last backbone map before its ReLU "
+                       "(through a 1x1 regressor when the student has fewer channels); Ours: "
+                       f"L2 to the {KCD_TRANSFORM}-transformed teacher. Seeds per cell: "
+                       f"{', '.join(map(str, config['seeds']))}.",
+    }
+
+
 TABLE_PLANS = {
     **{int(name.removeprefix("table")): (lambda n: comparison_plan(f"table{n}"))
        for name in config.get("tables", {})},
     **{n: ablation_plan for n in ablation_tables() if n <= 6},
     **({10: overlap_plan} if 10 in ablation_tables() else {}),
     **({11: consistency_plan} if 11 in ablation_tables() else {}),
+    **({9: detection_plan} if DETECTION else {}),
 }
 
 

@@ -11,6 +11,8 @@ rule distill:
     output:
         result=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/result.json",
         final=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/final.pt",
+    wildcard_constraints:
+        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:

@@ -5,6 +5,8 @@
 rule init:
     output:
         f"{RESULTS}/{{ds}}/init/{{arch}}-s{{seed}}.pt",
+    wildcard_constraints:
+        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "init", "{arch}-s{seed}"),
     resources:

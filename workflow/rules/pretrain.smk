@@ -9,6 +9,8 @@ rule pretrain:
     output:
         final=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/final.pt",
         result=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/result.json",
+    wildcard_constraints:
+        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:

@@ -9,6 +9,8 @@ rule statistics:
         data=lambda w: data_input(w.ds),
     output:
         f"{RESULTS}/{{ds}}/stats/{{teacher}}-{{tw}}__{{student}}-{{sw}}.pt",
+    wildcard_constraints:
+        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
