@@ -639,6 +639,9 @@ def train_detector(spec: DetectionSpec, tracker: Tracker | None = None, progress
             terms = _loss_terms(model, distill, images, targets, step)
             optimizer.zero_grad(set_to_none=True)
             sum(terms.values()).backward()
+            if r.grad_clip:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], r.grad_clip)
             optimizer.step()
             step += 1
             bar.update(1)

@@ -45,6 +45,7 @@ class Recipe:
     eval_batch_size: int = 256
     channels_last: bool = True
     micro_batches: int = 1  # split each batch (strided) and accumulate gradients
+    grad_clip: float | None = None  # clip the gradient's total norm (None: the paper's recipes)
 
 
 @dataclass

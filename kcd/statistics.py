@@ -21,11 +21,9 @@ from tqdm import tqdm
 
 from kcd.checkpoint import atomic_save, load_file
 from kcd.consistency import ConsistencyStatistics
-from kcd.data.streams import eval_batches
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.specs import DataSpec, StatisticsSpec
-from kcd.train import load_model
 from kcd.transforms import (
     LEARNED_KINDS,
     PerClassTransform,
@@ -42,6 +40,8 @@ FEATURE_CACHE_BYTES = 512 * 2**20  # learned transforms: replay the maps when th
 
 def _models(teacher: str, teacher_weights: str, student: str, student_weights: str,
             num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    from kcd.train import load_model  # the engines' heavy imports stay out of `kcd transform`
+
     t = load_model(teacher, teacher_weights, num_classes, "teacher weights").to(device).eval()
     s = load_model(student, student_weights, num_classes, "student weights").to(device).eval()
     return t, s
@@ -52,6 +52,8 @@ def _feature_pairs(
     batch_size: int, device: torch.device, split: str = "train", progress: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (teacher map, student map, labels) for every batch of ``split``."""
+    from kcd.data.streams import eval_batches
+
     with FeatureTap(teacher, [layers[0]]) as tt, FeatureTap(student, [layers[1]]) as st:
         for x, y in tqdm(eval_batches(data, batch_size, split=split), desc="features",
                          disable=not progress, leave=False):

@@ -372,6 +372,8 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                     terms[k] = terms.get(k, 0.0) + v.detach() / m
             if world > 1 and distill is not None:
                 _average_gradients(distill.losses.parameters(), world)
+            if r.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
             opt.step()
             if not in_init:
                 scheduler.step()

@@ -263,3 +263,20 @@ def test_dynamic_transform_is_rematched_from_recorded_features(trained_pair, tmp
     assert result["feature_l2"] is not None
     static = load_transform(transform)  # the file itself is never modified
     assert static.index.numel() == 32
+
+
+def test_grad_clip_bounds_the_first_update(tiny_cfg, tmp_path):
+    """recipe.grad_clip caps the gradient's total norm: with plain SGD (no momentum history, no
+    weight decay) the first update moves the weights by at most lr x clip."""
+    cfg, _ = tiny_cfg
+    clip, lr = 1e-3, 0.1
+    for r in cfg["recipes"].values():
+        r["default"].update(iterations=1, milestones=[], grad_clip=clip, lr=lr, weight_decay=0.0,
+                            momentum=0.0, checkpoint_every=1)
+    theta0, spec, _ = _pretrain(cfg, tmp_path, "resnet20_0.5x")
+    before = load_file(theta0)["state_dict"]
+    after = load_file(Path(spec.out_dir) / FINAL)["state_dict"]
+    moved = sum(((after[k].float() - before[k].float()) ** 2).sum()
+                for k in before if before[k].is_floating_point() and "running" not in k
+                and "num_batches" not in k)
+    assert 0 < moved.sqrt() <= lr * clip * (1 + 1e-4)
