@@ -410,4 +410,5 @@ def statistics_spec(
         metrics=list(metrics or st.get("metrics", ["correlation"])), groups=list(groups or []),
         group_metrics=[cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]],
         batch_size=int(st.get("batch_size", 256)),
+        max_images=st.get("max_images"),
     )

@@ -108,6 +108,7 @@ class StatisticsSpec:
     groups: list[int] = field(default_factory=list)  # Table 6: also per-class, K groups
     group_metrics: list[str] = field(default_factory=lambda: ["correlation"])  # of the groups
     batch_size: int = 256
+    max_images: int | None = None  # every k-th training image up to this many (None: all)
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:

@@ -50,12 +50,13 @@ def _models(teacher: str, teacher_weights: str, student: str, student_weights: s
 def _feature_pairs(
     teacher: nn.Module, student: nn.Module, layers: tuple[str, str], data: DataSpec,
     batch_size: int, device: torch.device, split: str = "train", progress: bool = False,
+    limit: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (teacher map, student map, labels) for every batch of ``split``."""
     from kcd.data.streams import eval_batches
 
     with FeatureTap(teacher, [layers[0]]) as tt, FeatureTap(student, [layers[1]]) as st:
-        for x, y in tqdm(eval_batches(data, batch_size, split=split), desc="features",
+        for x, y in tqdm(eval_batches(data, batch_size, split=split, limit=limit), desc="features",
                          disable=not progress, leave=False):
             x = x.to(device)
             with torch.no_grad():
@@ -77,7 +78,7 @@ def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
     stats: ConsistencyStatistics | None = None
     per_group: dict[int, list[ConsistencyStatistics]] = {}
     for ft, fs, y in _feature_pairs(t, s, layers, data, spec.batch_size, device,
-                                    progress=progress):
+                                    progress=progress, limit=spec.max_images):
         pt, ps = global_avg_pool(ft).float().cpu(), global_avg_pool(fs).float().cpu()
         if stats is None:
             stats = ConsistencyStatistics(pt.shape[1], ps.shape[1], metrics=list(metrics))

@@ -376,3 +376,16 @@ def test_coco_missing_image(coco_copy):
     _edit_annotations(coco_copy, lambda d: d["images"][0].update(file_name="999999999999.jpg"))
     with pytest.raises(KcdError, match="999999999999.jpg.*is missing"):
         build_dataset("coco", coco_copy, "val")
+
+
+def test_eval_batches_limit_takes_every_kth_image_across_all_classes(demo_root):
+    from kcd.data.streams import eval_batches
+    from kcd.specs import DataSpec
+
+    data = DataSpec(name="imagenet", root=str(demo_root / "imagenet"), image_size=16)
+    full = torch.cat([y for _, y in eval_batches(data, 5, split="train")])
+    part = torch.cat([y for _, y in eval_batches(data, 5, split="train", limit=5)])
+    assert len(part) <= 5 < len(full)
+    assert torch.equal(part, full[::-(-len(full) // 5)])
+    # ImageFolder stores classes in order: a strided subset still sees every class
+    assert set(part.tolist()) == set(full.tolist())

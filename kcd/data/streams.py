@@ -123,13 +123,20 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
                         workers=data.workers)
 
 
-def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT
-                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``split`` with evaluation transforms, in order (no augmentation)."""
+def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
+                 limit: int | None = None) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of ``split`` with evaluation transforms, in order (no augmentation).
+
+    ``limit``: at most that many images, every k-th one, so that a split stored in class order
+    (ImageFolder) still covers every class.
+    """
     dataset = build_dataset(data.name, data.root, split, train_transform=False,
                             image_size=data.image_size)
     if data.eval_limit is not None and split == EVAL_SPLIT:
         dataset = Subset(dataset, range(min(data.eval_limit, len(dataset))))
+    if limit is not None and limit < len(dataset):
+        stride = -(-len(dataset) // limit)
+        dataset = Subset(dataset, range(0, len(dataset), stride))
     if data.fast_loader and data.name == "cifar100" and not isinstance(dataset, Subset):
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=False,
                                            augment=False, drop_last=False)
