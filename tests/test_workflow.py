@@ -30,6 +30,7 @@ def _config() -> dict:
                                 "students": ["resnet20_0.5x"], "rows": ROWS}}
     cfg.pop("ablations")  # tests/test_workflow_ablations.py builds those
     cfg.pop("figure1")
+    cfg.pop("detection")
     return cfg
 
 
