@@ -54,28 +54,39 @@ def _run_name(tags: dict) -> str:
     return "/".join(parts) + f"/s{tags.get('seed', 0)}"
 
 
+def _json_arg(value: str, flag: str) -> Any:
+    """A JSON argument given as text or as a file path (the workflow passes text)."""
+    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise KcdError(f"{flag} is not valid JSON: {e}") from None
+
+
+def _run_params(spec) -> tuple[dict, dict]:
+    """(tags, params) of a training spec for its MLflow run."""
+    from kcd.specs import to_dict
+
+    tags = {k: str(v) for k, v in spec.tags.items()}
+    params = {**spec.tags, "recipe": to_dict(spec.recipe),
+              "distill": to_dict(spec.distill) if spec.distill else None}
+    return tags, params
+
+
 def _spec(args: argparse.Namespace, cls, resolve: Callable[[], Any]):
     """The job's spec: ``--spec`` (JSON text or file, as the workflow passes it) or resolved
     from the config and the command's flags."""
     from kcd.specs import from_dict
 
     if args.spec:
-        text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise KcdError(f"--spec is not valid JSON: {e}") from None
-        return from_dict(cls, data)
+        return from_dict(cls, _json_arg(args.spec, "--spec"))
     return resolve()
 
 
 def _train(args: argparse.Namespace, spec) -> None:
-    from kcd.specs import to_dict
     from kcd.train import RESULT, train
 
-    tags = {k: str(v) for k, v in spec.tags.items()}
-    params = {**spec.tags, "recipe": to_dict(spec.recipe),
-              "distill": to_dict(spec.distill) if spec.distill else None}
+    tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
                   tags) as tracker:
         result = train(spec, tracker=tracker, progress=not args.quiet)
@@ -252,11 +263,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _job(args: argparse.Namespace, run: Callable[..., Any], **extra: Any) -> Any:
     """Run an analysis job from its ``--spec`` (JSON text or file) as keyword arguments."""
-    text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
-    try:
-        spec = json.loads(text)
-    except ValueError as e:
-        raise KcdError(f"--spec is not valid JSON: {e}") from None
+    spec = _json_arg(args.spec, "--spec")
     try:
         return run(**spec, **extra)
     except TypeError as e:
@@ -297,18 +304,11 @@ def cmd_detect_init(args: argparse.Namespace) -> None:
 
 def cmd_detect_train(args: argparse.Namespace) -> None:
     from kcd.detection import spec_from_dict, train_detector
-    from kcd.specs import to_dict
 
     if not args.spec:
         raise KcdError("detect-train needs --spec (the run as JSON, as the workflow writes it)")
-    text = Path(args.spec).read_text() if not args.spec.lstrip().startswith("{") else args.spec
-    try:
-        spec = spec_from_dict(json.loads(text))
-    except ValueError as e:
-        raise KcdError(f"--spec is not valid JSON: {e}") from None
-    tags = {k: str(v) for k, v in spec.tags.items()}
-    params = {**spec.tags, "recipe": to_dict(spec.recipe),
-              "distill": to_dict(spec.distill) if spec.distill else None}
+    spec = spec_from_dict(_json_arg(args.spec, "--spec"))
+    tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
                   tags) as tracker:
         result = train_detector(spec, tracker=tracker, progress=not args.quiet)
@@ -333,11 +333,7 @@ def cmd_detect_statistics(args: argparse.Namespace) -> None:
 def cmd_table(args: argparse.Namespace) -> None:
     from kcd.tables import write_table
 
-    text = Path(args.plan).read_text() if not args.plan.lstrip().startswith("{") else args.plan
-    try:
-        plan = json.loads(text)
-    except ValueError as e:
-        raise KcdError(f"--plan is not valid JSON: {e}") from None
+    plan = _json_arg(args.plan, "--plan")
     df = write_table(plan, args.out)
     _summary(f"table {plan['table']}: {len(df)} rows -> {args.out}.csv/.md/.tex")
 

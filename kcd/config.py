@@ -141,15 +141,21 @@ def _known_dataset(cfg: dict, name: str, key: str) -> None:
                        f"{', '.join(cfg.get('datasets', {}))}")
 
 
+def _known_setting(cfg: dict, section: str) -> int | None:
+    """Check a section's dataset, teacher and student; return the dataset's class count."""
+    d = cfg[section]
+    _known_dataset(cfg, d["dataset"], f"{section}.dataset")
+    _known_model(d["teacher"], f"{section}.teacher")
+    _known_model(d["student"], f"{section}.student")
+    return cfg["datasets"][d["dataset"]].get("num_classes")
+
+
 def _validate_ablations(cfg: dict) -> None:
     """Tables 1-6, 10, 11: known models, K within the class count, k within the channels."""
     a = cfg.get("ablations")
     if not a:
         return
-    _known_dataset(cfg, a["dataset"], "ablations.dataset")
-    _known_model(a["teacher"], "ablations.teacher")
-    _known_model(a["student"], "ablations.student")
-    classes = cfg["datasets"][a["dataset"]].get("num_classes")
+    classes = _known_setting(cfg, "ablations")
     for k in a.get("groups", []):
         if classes and k > classes:
             raise KcdError(f"config key ablations.groups: K={k} is larger than the "
@@ -171,10 +177,7 @@ def _validate_figure1(cfg: dict) -> None:
     f = cfg.get("figure1")
     if not f:
         return
-    _known_dataset(cfg, f["dataset"], "figure1.dataset")
-    _known_model(f["teacher"], "figure1.teacher")
-    _known_model(f["student"], "figure1.student")
-    classes = cfg["datasets"][f["dataset"]].get("num_classes")
+    classes = _known_setting(cfg, "figure1")
     c = f["class"]
     if isinstance(c, int) and classes and not 0 <= c < classes:
         raise KcdError(f"config key figure1.class: class {c} does not exist; "

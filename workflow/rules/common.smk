@@ -143,11 +143,12 @@ def run_dir(ds, teacher, tseed, student, method, transform, seed):
     return f"{RESULTS}/{ds}/runs/{teacher}-s{tseed}__{student}/{method}/{transform}/s{seed}"
 
 
-def run_result(ds, teacher, tseed, student, method, transform, seed):
-    """The result of a table cell's run: 'baseline' is the student's own pre-training."""
+def run_result(ds, teacher, tseed, student, method, transform, seed, file="result.json"):
+    """A file of a table cell's run (its result, or `final.pt`): 'baseline' is the student's
+    own pre-training."""
     if method == "baseline":
-        return f"{model_dir(ds, student, seed)}/result.json"
-    return f"{run_dir(ds, teacher, tseed, student, method, transform, seed)}/result.json"
+        return f"{model_dir(ds, student, seed)}/{file}"
+    return f"{run_dir(ds, teacher, tseed, student, method, transform, seed)}/{file}"
 
 
 def anchor_paths(ds, teacher, tseed):
@@ -379,8 +380,8 @@ def consistency_spec():
         for seed in config["seeds"]:
             rows.append({
                 "label": r.label, "seed": seed,
-                "weights": run_result(ds, teacher, TSEED, student, r.method, transform,
-                                      seed).replace("result.json", "final.pt"),
+                "weights": run_result(ds, teacher, TSEED, student, r.method, transform, seed,
+                                      file="final.pt"),
                 "transform": run_transform_path(ds, teacher, TSEED, student, seed, view),
             })
     return {
