@@ -7,7 +7,9 @@ Every heavy Snakemake rule calls::
         [--partition P --account A --qos Q --constraint C --slurm-extra JSON] -- <kcd args>
 
 and waits for the job. ``local`` (the default) runs the step in a child process through
-submitit's local executor, so a laptop exercises the same code path as the cluster; ``slurm``
+submitit's local executor, so a laptop exercises the same code path as the cluster (or, when
+Snakemake started a warm worker, in a fork of it: :mod:`kcd.warm`, the same step without a
+fresh interpreter's imports); ``slurm``
 submits it with sbatch (GPUs, tasks, CPUs, memory, time and the cluster settings mapped to
 submitit parameters); ``debug`` runs it in this process. The job's own log is copied to this
 process's output, so the rule's log holds it; a failed job fails the rule with the tail of
@@ -42,6 +44,8 @@ from pathlib import Path
 import submitit
 from submitit.helpers import Checkpointable
 
+from kcd import warm
+
 TAIL_LINES = 40
 POLL_SECONDS = float(os.environ.get("KCD_POLL_SECONDS", "30"))
 WATCH_SECONDS = 2.0  # how often the watchdog looks for the Snakemake process
@@ -57,16 +61,21 @@ class KcdJob(Checkpointable):
             tasks = 1
         if tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        code = self.run(argv, threads)
+        if code:
+            raise RuntimeError(f"kcd {argv[0] if argv else ''} exited with status {code}")
+        return code
+
+    @staticmethod
+    def run(argv: list[str], threads: int) -> int:
+        """``kcd argv`` on ``threads`` CPU threads in this process; its exit status."""
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
 
         torch.set_num_threads(threads)
         from kcd.cli import main
 
-        code = main(argv)
-        if code:
-            raise RuntimeError(f"kcd {argv[0] if argv else ''} exited with status {code}")
-        return code
+        return main(argv)
 
 
 def build_executor(args: argparse.Namespace) -> submitit.Executor:
@@ -253,6 +262,36 @@ class _Canceller:
         threading.Thread(target=loop, name="kcd-launch-watchdog", daemon=True).start()
 
 
+def _run_warm(args: argparse.Namespace, kcd_argv: list[str]) -> int | None:
+    """Run the step in a fork of the warm worker (:mod:`kcd.warm`), its output going straight
+    to this process's; None when the worker does not answer."""
+    canceller = _Canceller()
+    canceller.install()
+    job = warm.submit(kcd_argv, args.cpus, args.gpus)
+    if job is None:
+        print("kcd.launch: the warm worker did not answer; starting a new process", flush=True)
+        return None
+    canceller.job = job
+    if canceller.pending is not None:
+        canceller.on_signal(canceller.pending)
+    snakemake = _snakemake_ancestor()
+    if snakemake is not None:
+        canceller.watch(snakemake)
+    try:
+        status = job.wait(timeout_s=60.0 * args.time_min)
+    except TimeoutError:
+        canceller.cancel_and_exit(f"time limit of {args.time_min} min reached", 1)
+    except ConnectionError as e:
+        print(f"kcd.launch: job {job.job_id} ({args.name}) did not complete: {e}",
+              file=sys.stderr, flush=True)
+        return 1
+    if status:
+        why = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        print(f"kcd.launch: job {job.job_id} ({args.name}) {why}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
@@ -279,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.launcher == "debug":
         return KcdJob()(kcd_argv, args.cpus) or 0
+    if args.launcher == "local" and args.tasks * args.nodes == 1 and os.environ.get(warm.ENV):
+        code = _run_warm(args, kcd_argv)
+        if code is not None:
+            return code
     executor = build_executor(args)
     canceller = _Canceller()
     canceller.install()  # before sbatch: a signal during the submission cancels right after it

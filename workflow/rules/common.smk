@@ -1,5 +1,6 @@
 # Paths, wildcards and input functions of the DAG: the one home of the file layout.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from kcd.config import (
     validate_config,
 )
 from kcd.errors import KcdError
+from kcd import warm
 from kcd.launch import cancel_jobs_on_sigterm
 from kcd.specs import to_dict
 from kcd.naming import WILDCARD as TRANSFORM_NAMES, parse_transform_name, source_pair
@@ -82,6 +84,25 @@ wildcard_constraints:
 def ensure_tracking_store():
     """Create the MLflow store's schema once, before parallel jobs write to it."""
     ensure_store(TRACKING_URI)
+
+
+_WARM = []
+
+
+def start_warm_worker():
+    """Local launcher: one warm worker whose forks run the jobs (kcd/warm.py)."""
+    launcher = config.get("launcher", {})
+    if launcher.get("kind", "local") == "local" and launcher.get("warm", True):
+        worker = warm.start()
+        if worker is not None:
+            _WARM.append(worker)
+            os.environ[warm.ENV] = worker.path
+
+
+def stop_warm_worker():
+    os.environ.pop(warm.ENV, None)
+    while _WARM:
+        _WARM.pop().stop()
 
 
 # --------------------------------------------------------------------------- the layout
