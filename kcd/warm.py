@@ -20,6 +20,9 @@ each fork starts as clean as a new process. It exits when Snakemake's ``onsucces
 stops it, or by itself when the Snakemake process is gone. If it cannot be reached the launcher
 falls back to submitit's local executor, so warm workers change only the speed:
 ``launcher.warm: false`` in the config switches them off.
+
+Light rules (transforms, tables) run ``python -m kcd.warm run -- ARGS`` (:func:`run`): a fork of
+the worker when one runs, else ``kcd ARGS`` in that process, on this machine either way.
 """
 from __future__ import annotations
 
@@ -304,8 +307,9 @@ def start(timeout_s: float = READY_SECONDS) -> Worker | None:
     folder = tempfile.mkdtemp(prefix="kcd-warm-")  # short: Unix socket paths are limited to 108
     path = str(Path(folder) / "sock")
     process = subprocess.Popen(
-        [sys.executable, "-m", "kcd.warm", "--socket", path, "--parent", str(os.getpid())],
-        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        [sys.executable, "-m", "kcd.warm", "serve", "--socket", path, "--parent", str(os.getpid())],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        start_new_session=True)  # outlives a killed Snakemake process group to clean up
     worker = Worker(process, folder)
     deadline = time.monotonic() + timeout_s
     selector = selectors.DefaultSelector()
@@ -324,12 +328,45 @@ def start(timeout_s: float = READY_SECONDS) -> Worker | None:
     return None
 
 
+def run(argv: list[str]) -> int:
+    """``kcd argv`` for a light rule (a transform, a table): in a fork of the warm worker when
+    one runs, else in this process. Its exit status."""
+    job = submit(argv, threads=1)
+    if job is None:
+        from kcd.cli import main
+
+        return main(argv)
+
+    def cancel(signum, frame):
+        job.cancel()
+        os._exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, cancel)
+    try:
+        status = job.wait()
+    except ConnectionError as e:
+        print(f"kcd: error: {e}", file=sys.stderr)
+        return 1
+    return status if status >= 0 else 128 - status
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:  # python -m kcd.warm run [--] KCD ARGS
+        rest = argv[1:]
+        return run(rest[1:] if rest[:1] == ["--"] else rest)
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kcd.warm", description=__doc__.split("\n")[0])
-    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
-    parser.add_argument("--parent", type=int, help="exit when this process is gone")
+    parser = argparse.ArgumentParser(
+        prog="python -m kcd.warm",
+        description="serve: the warm worker (started by the Snakefile); "
+                    "run -- ARGS: `kcd ARGS` through the warm worker when one runs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="run the warm worker on a Unix socket")
+    serve_p.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    serve_p.add_argument("--parent", type=int, help="exit when this process is gone")
+    sub.add_parser("run", help="run `kcd ARGS` through the warm worker when one runs")
     args = parser.parse_args(argv)
     return serve(args.socket, args.parent)
 

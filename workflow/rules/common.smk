@@ -47,7 +47,7 @@ except KcdError as e:
 RESULTS = config["results"]
 LOGS = f"{RESULTS}/logs"
 PY = sys.executable
-KCD = f"{shlex.quote(PY)} -m kcd.cli"
+KCD = f"{shlex.quote(PY)} -m kcd.warm run --"  # light rules: `kcd ...`, warm when it can
 DEMO = config.get("demo_data", {}).get("root", "resources/demo")
 DEMO_FOLDERS = {"cifar100": "cifar-100-python", "imagenet": "imagenet", "coco": "coco"}
 TSEED = int(config.get("teacher_seed", 0))

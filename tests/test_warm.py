@@ -1,0 +1,171 @@
+"""The warm worker (kcd/warm.py): local jobs run in forks of one process that imported torch."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kcd import warm
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = [sys.executable, "-m", "kcd.launch", "--launcher", "local"]
+
+
+@pytest.fixture(scope="module")
+def worker():
+    w = warm.start()
+    assert w is not None, "the warm worker did not start"
+    yield w
+    w.stop()
+
+
+def _env(socket_path: str | None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(warm.ENV, None)
+    if socket_path:
+        env[warm.ENV] = socket_path
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_launcher_runs_the_step_in_a_fork_with_its_output_and_status(worker, tmp_path):
+    ok = subprocess.run([*LAUNCH, "--log-dir", str(tmp_path / "jobs"), "--", "--help"],
+                        cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "usage: kcd" in ok.stdout
+    assert not (tmp_path / "jobs").exists()  # no submitit job: the fork ran it
+    bad = subprocess.run([*LAUNCH, "--log-dir", str(tmp_path / "jobs"), "--", "nonsense"],
+                         cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 1
+    assert "invalid choice: 'nonsense'" in bad.stderr
+    assert "exited with status 2" in bad.stderr
+
+
+def test_fork_takes_the_launchers_working_directory(worker, tmp_path):
+    run = subprocess.run([*LAUNCH, "--", "demo-data", "--root", "rel", "--kinds", "cifar100",
+                          "--tiny", "-q"],
+                         cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (tmp_path / "rel" / "cifar-100-python" / "train").is_file()
+    assert not (REPO / "rel").exists()
+
+
+def test_light_rule_runner_uses_the_worker_or_runs_in_process(worker, tmp_path):
+    for path in (worker.path, None):
+        run = subprocess.run([sys.executable, "-m", "kcd.warm", "run", "--", "init", "--arch",
+                              "resnet20_0.5x", "--seed", "0", "--num-classes", "10", "--out",
+                              "theta0.pt", "-q"],
+                             cwd=tmp_path, env=_env(path), capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert (tmp_path / "theta0.pt").is_file()
+        (tmp_path / "theta0.pt").unlink()
+    bad = subprocess.run([sys.executable, "-m", "kcd.warm", "run", "--", "transform", "--stats",
+                          "missing.pt", "--out", "t.pt"],
+                         cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "kcd: error:" in bad.stderr
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_launcher_falls_back_to_submitit_without_a_worker(tmp_path):
+    run = subprocess.run([*LAUNCH, "--log-dir", str(tmp_path / "jobs"), "--", "init", "--arch",
+                          "resnet20_0.5x", "--seed", "0", "--num-classes", "10", "--out",
+                          "theta0.pt", "-q"],
+                         cwd=tmp_path, env=_env(str(tmp_path / "no-such-socket")),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "did not answer" in run.stdout
+    assert (tmp_path / "theta0.pt").is_file()
+    assert any((tmp_path / "jobs").iterdir())  # a submitit local job ran it
+
+
+def _long_pretrain(worker, tmp_path) -> subprocess.Popen:
+    from kcd.data.demo import DemoSizes, write_demo_data
+
+    write_demo_data(tmp_path / "demo", kinds=("cifar100",), sizes=DemoSizes.tiny(), progress=False)
+    sets = [f"datasets.cifar100.root={tmp_path / 'demo'}",
+            "recipes.cifar100.default.iterations=100000", "recipes.cifar100.default.milestones=[]",
+            f"results={tmp_path / 'results'}"]
+    args = ["init", "--arch", "resnet20_0.5x", "--seed", "0", "--num-classes", "100", "--out",
+            "theta0.pt", "-q"]
+    assert subprocess.run([*LAUNCH, "--", *args], cwd=tmp_path, env=_env(worker.path),
+                          timeout=120).returncode == 0
+    cmd = [*LAUNCH, "--", "pretrain", "--config", str(REPO / "config" / "config.yaml"),
+           "--dataset", "cifar100", "--arch", "resnet20_0.5x", "--seed", "0", "--theta0",
+           "theta0.pt", "--out", "run", "--no-track"]
+    for s in sets:
+        cmd += ["--set", s]
+    return subprocess.Popen(cmd, cwd=tmp_path, env=_env(worker.path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _fork_pid(worker) -> int:
+    """The pid of the worker's fork that runs a job (a child of the worker)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == worker.process.pid and fields[0] not in ("Z", "X"):
+                    return int(name)
+        time.sleep(0.2)
+    raise AssertionError("no fork of the warm worker is running the job")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_stopping_the_launcher_stops_its_job(worker, tmp_path, how):
+    proc = _long_pretrain(worker, tmp_path)
+    try:
+        pid = _fork_pid(worker)
+        assert _alive(pid)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        code = proc.wait(timeout=30)
+        assert code != 0
+        deadline = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid), f"the job's fork {pid} outlived its launcher ({how})"
+        assert not (tmp_path / "run" / "final.pt").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_worker_exits_and_cleans_up_when_its_parent_is_gone(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    path = str(tmp_path / "sock")
+    server = subprocess.Popen([sys.executable, "-m", "kcd.warm", "serve", "--socket", path,
+                               "--parent", str(parent.pid)], env=_env(None),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        assert Path(path).exists()
+        parent.kill()
+        parent.wait()
+        assert server.wait(timeout=15) == 0
+        assert not Path(path).exists()
+    finally:
+        for p in (parent, server):
+            if p.poll() is None:
+                p.kill()
