@@ -63,6 +63,19 @@ def _json_arg(value: str, flag: str) -> Any:
         raise KcdError(f"{flag} is not valid JSON: {e}") from None
 
 
+def _spec_arg(args: argparse.Namespace) -> dict:
+    """``--spec`` as a dict, with the run-time fields of ``--runtime`` put back in."""
+    from kcd.specs import merge_runtime, parse_runtime
+
+    spec = _json_arg(args.spec, "--spec")
+    runtime = getattr(args, "runtime", None)
+    if runtime:
+        if not isinstance(spec, dict):
+            raise KcdError("--spec must be a JSON object")
+        spec = merge_runtime(spec, parse_runtime(runtime))
+    return spec
+
+
 def _run_params(spec) -> tuple[dict, dict]:
     """(tags, params) of a training spec for its MLflow run."""
     from kcd.specs import to_dict
@@ -79,7 +92,7 @@ def _spec(args: argparse.Namespace, cls, resolve: Callable[[], Any]):
     from kcd.specs import from_dict
 
     if args.spec:
-        return from_dict(cls, _json_arg(args.spec, "--spec"))
+        return from_dict(cls, _spec_arg(args))
     return resolve()
 
 
@@ -307,7 +320,7 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
 
     if not args.spec:
         raise KcdError("detect-train needs --spec (the run as JSON, as the workflow writes it)")
-    spec = spec_from_dict(_json_arg(args.spec, "--spec"))
+    spec = spec_from_dict(_spec_arg(args))
     tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
                   tags) as tracker:
@@ -357,9 +370,17 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _runtime_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runtime", metavar="SECTION.KEY=VALUE,...",
+                   help="with --spec: the spec's run-time fields (logging and checkpoint "
+                        "periods, evaluation batch, loader workers), which the workflow passes "
+                        "apart from the spec, e.g. recipe.log_every=10,data.workers=4")
+
+
 def _tracked(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="the whole job as JSON (text or file), as the workflow passes "
                                   "it; replaces the other flags")
+    _runtime_flag(p)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config / environment)")
 
@@ -436,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=name != "statistics")
         if name == "statistics":
             p.add_argument("--spec", help="the whole job as JSON (text or file)")
+            _runtime_flag(p)
             p.add_argument("--metrics", nargs="+")
             p.add_argument("--groups", type=int, nargs="+",
                            help="also per-class statistics for K groups of labels (Table 6)")
@@ -443,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stats")
             p.add_argument("--spec", help="learned strategies: the pair, its layers and data as "
                                           "a statistics spec (JSON), as the workflow passes it")
+            _runtime_flag(p)
             p.add_argument("--lr", type=float, default=1e-3, help="learned strategies: Adam lr")
             p.add_argument("--batch-size", type=int, default=128,
                            help="learned strategies: images per step")

@@ -135,6 +135,33 @@ def validate_config(cfg: dict) -> dict:
     return cfg
 
 
+SCALE_MARK = ".kcd-scale"  # in the results folder: the config scale whose results it holds
+
+
+def check_results_scale(results: str | Path, scale: str) -> None:
+    """Refuse to mix scales in one results folder (a demo run's files would otherwise sit, and
+    be tracked in MLflow, beside the paper-scale runs that replace them one by one)."""
+    mark = Path(results) / SCALE_MARK
+    try:
+        found = mark.read_text().strip()
+    except OSError:
+        return
+    if found and found != scale:
+        raise KcdError(
+            f"config key results: {results}/ holds {found}-scale results and this config is "
+            f"scale {scale}; set `results:` to another folder, or move {results}/ away")
+
+
+def mark_results_scale(results: str | Path, scale: str) -> None:
+    """Record the scale of the results folder (before its first job writes into it)."""
+    from kcd.checkpoint import atomic_write_text
+
+    mark = Path(results) / SCALE_MARK
+    if not mark.exists():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(scale + "\n", mark)
+
+
 def _known_dataset(cfg: dict, name: str, key: str) -> None:
     if name not in cfg.get("datasets", {}):
         raise KcdError(f"config key {key}: '{name}' is not under datasets; known: "

@@ -271,6 +271,8 @@ def _run_warm(args: argparse.Namespace, kcd_argv: list[str]) -> int | None:
     if job is None:
         print("kcd.launch: the warm worker did not answer; starting a new process", flush=True)
         return None
+    print(f"kcd.launch: local job {job.job_id} ({args.name}) in a fork of the warm worker",
+          flush=True)
     canceller.job = job
     if canceller.pending is not None:
         canceller.on_signal(canceller.pending)

@@ -6,7 +6,9 @@ rejects unknown keys by name. The engines take specs; they never read the config
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -109,6 +111,72 @@ class StatisticsSpec:
     group_metrics: list[str] = field(default_factory=lambda: ["correlation"])  # of the groups
     batch_size: int = 256
     max_images: int | None = None  # every k-th training image up to this many (None: all)
+
+
+# Fields that change how a job runs, not what it computes. The workflow passes them apart
+# from the spec (``--runtime``), so changing one re-runs nothing; a checkpoint written under
+# other values still resumes.
+RUNTIME_FIELDS = {"recipe": ("log_every", "checkpoint_every", "eval_batch_size"),
+                  "data": ("workers",)}
+
+
+def split_runtime(spec: dict) -> tuple[dict, dict]:
+    """(``spec`` without its :data:`RUNTIME_FIELDS`, those fields), both JSON-ready dicts."""
+    result = copy.deepcopy(spec)
+    runtime: dict = {}
+    for section, keys in RUNTIME_FIELDS.items():
+        part = result.get(section)
+        if isinstance(part, dict):
+            taken = {k: part.pop(k) for k in keys if k in part}
+            if taken:
+                runtime[section] = taken
+    return result, runtime
+
+
+def runtime_text(runtime: dict) -> str:
+    """``section.key=value,...``: run-time fields as the workflow passes them (no braces, which
+    Snakemake would try to format in a resource)."""
+    return ",".join(f"{section}.{k}={json.dumps(v)}" for section, values in sorted(runtime.items())
+                    for k, v in sorted(values.items()))
+
+
+def parse_runtime(text: str) -> dict:
+    """The inverse of :func:`runtime_text`; a JSON object is accepted too."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except ValueError as e:
+            raise KcdError(f"--runtime is not valid JSON: {e}") from None
+    runtime: dict = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise KcdError(f"--runtime: {item!r} is not SECTION.KEY=VALUE "
+                           "(e.g. recipe.log_every=10)")
+        try:
+            runtime.setdefault(section, {})[name] = json.loads(value)
+        except ValueError:
+            raise KcdError(f"--runtime: the value of {key} is not a number, true/false or null: "
+                           f"{value!r}") from None
+    return runtime
+
+
+def merge_runtime(spec: dict, runtime: dict) -> dict:
+    """``spec`` with the run-time fields ``runtime`` put back (inverse of :func:`split_runtime`)."""
+    out = copy.deepcopy(spec)
+    for section, values in runtime.items():
+        keys = RUNTIME_FIELDS.get(section)
+        if keys is None or not isinstance(values, dict) or not isinstance(out.get(section), dict):
+            raise KcdError(f"--runtime: {section!r} is not a run-time section of this spec "
+                           f"(known: {', '.join(RUNTIME_FIELDS)})")
+        unknown = sorted(set(values) - set(keys))
+        if unknown:
+            raise KcdError(f"--runtime: {section}.{unknown[0]} is not a run-time field "
+                           f"(known: {', '.join(keys)})")
+        out[section].update(values)
+    return out
 
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:

@@ -50,7 +50,7 @@ from kcd.features import FeatureTap, feature_shapes, global_avg_pool
 from kcd.losses import LOSSES, DistillBatch, build_loss
 from kcd.losses.rco import AnchorSchedule
 from kcd.models import build_model, model_spec
-from kcd.specs import DistillSpec, LayerPair, TrainSpec, to_dict
+from kcd.specs import DistillSpec, LayerPair, TrainSpec, split_runtime, to_dict
 from kcd.transforms import ChannelTransform, load_transform, match
 
 CHECKPOINT = "checkpoint.pt"
@@ -522,10 +522,7 @@ def _save_model(model: nn.Module, spec: TrainSpec, path: Path, iterations: int) 
 
 def _fingerprint(spec: TrainSpec) -> str:
     """A hash of everything in the spec that shapes the run (not logging or evaluation)."""
-    d = to_dict(spec)
-    for key in ("log_every", "checkpoint_every", "eval_batch_size"):
-        d["recipe"].pop(key, None)
-    d["data"].pop("workers", None)
+    d, _ = split_runtime(to_dict(spec))
     d.pop("tags", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

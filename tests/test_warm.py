@@ -47,6 +47,7 @@ def test_launcher_runs_the_step_in_a_fork_with_its_output_and_status(worker, tmp
                         timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "usage: kcd" in ok.stdout
+    assert "in a fork of the warm worker" in ok.stdout
     assert not (tmp_path / "jobs").exists()  # no submitit job: the fork ran it
     bad = subprocess.run([*LAUNCH, "--log-dir", str(tmp_path / "jobs"), "--", "nonsense"],
                          cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
@@ -77,7 +78,8 @@ def test_light_rule_runner_uses_the_worker_or_runs_in_process(worker, tmp_path):
         assert (tmp_path / "theta0.pt").is_file()
         (tmp_path / "theta0.pt").unlink()
     bad = subprocess.run([sys.executable, "-m", "kcd.warm", "run", "--", "transform", "--stats",
-                          "missing.pt", "--out", "t.pt"],
+                          "missing.pt", "--strategy", "bipartite", "--metric", "correlation",
+                          "--out", "t.pt"],
                          cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "kcd: error:" in bad.stderr

@@ -114,6 +114,23 @@ def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(buil
     assert counts.get("table") == "1" and "pretrain" not in counts
 
 
+def test_run_time_fields_rerun_nothing_and_still_reach_the_job(built):
+    cfg = yaml.safe_load((built / "config" / "config.yaml").read_text())
+    cfg["recipes"]["cifar100"]["default"].update(log_every=1, checkpoint_every=3,
+                                                 eval_batch_size=64)
+    cfg["datasets"]["cifar100"]["workers"] = 1
+    changed = built / "runtime.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    dry = _snakemake(built, "results/tables.md", "-n", "--configfile", str(changed))
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    # the job still receives them: its spec is the params plus --runtime
+    result = json.loads(next((built / "results/cifar100/runs").rglob("result.json")).read_text())
+    assert result["spec"]["recipe"]["log_every"] == 2  # the config's value when it ran
+    assert result["spec"]["recipe"]["checkpoint_every"] == 2
+    assert result["spec"]["data"]["workers"] == 0
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     cfg = _config()
     cfg["recipes"]["cifar100"]["default"]["lr"] = -1
@@ -123,6 +140,19 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "config key recipes.cifar100.default.lr" in run.stdout + run.stderr
     assert not (tmp_path / "results" / "cifar100").exists()
+
+
+def test_results_folder_keeps_one_scale(built, tmp_path):
+    assert (built / "results" / ".kcd-scale").read_text() == "demo\n"
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / ".kcd-scale").write_text("paper\n")
+    run = _snakemake(tmp_path, "results/tables.md", "-n")
+    assert run.returncode != 0
+    assert "results/ holds paper-scale results and this config is scale demo" in (
+        run.stdout + run.stderr)
+    assert list((tmp_path / "results").iterdir()) == [tmp_path / "results" / ".kcd-scale"]
 
 
 def test_killed_run_resumes_from_its_checkpoint_after_rerun_incomplete(tmp_path):

@@ -9,10 +9,12 @@ from snakemake.exceptions import WorkflowError
 
 from kcd.config import (
     anchor_iterations,
+    check_results_scale,
     data_spec,
     detection_init_args,
     detection_spec,
     detection_statistics_args,
+    mark_results_scale,
     num_classes,
     statistics_spec,
     train_spec,
@@ -21,7 +23,7 @@ from kcd.config import (
 from kcd.errors import KcdError
 from kcd import warm
 from kcd.launch import cancel_jobs_on_sigterm
-from kcd.specs import to_dict
+from kcd.specs import runtime_text, split_runtime, to_dict
 from kcd.naming import WILDCARD as TRANSFORM_NAMES, parse_transform_name, source_pair
 from kcd.analysis.overlap import column_name as overlap_column
 from kcd.tables import (
@@ -41,6 +43,7 @@ for _key in ("seeds",):
 
 try:
     validate_config(config)
+    check_results_scale(config["results"], config.get("scale", "demo"))
 except KcdError as e:
     raise WorkflowError(f"invalid config: {e}")
 
@@ -82,7 +85,9 @@ wildcard_constraints:
 
 
 def ensure_tracking_store():
-    """Create the MLflow store's schema once, before parallel jobs write to it."""
+    """Create the MLflow store's schema once, before parallel jobs write to it; mark the
+    results folder with the config's scale (a later run at another scale is refused)."""
+    mark_results_scale(RESULTS, config.get("scale", "demo"))
     ensure_store(TRACKING_URI)
 
 
@@ -239,6 +244,17 @@ def launch(rule_name, name, ds=None):
 
 def spec_json(spec):
     return json.dumps(to_dict(spec), sort_keys=True)
+
+
+def result_fields(spec_fn):
+    """params: the job's spec without its run-time fields (Snakemake re-runs a job whose
+    params changed; logging or checkpoint periods must not count)."""
+    return lambda w: json.dumps(split_runtime(json.loads(spec_fn(w)))[0], sort_keys=True)
+
+
+def runtime_fields(spec_fn):
+    """resources: the spec's run-time fields, passed as `--runtime` (not a rerun trigger)."""
+    return lambda w: runtime_text(split_runtime(json.loads(spec_fn(w)))[1])
 
 
 def teachers(ds):

@@ -29,12 +29,14 @@ rule detect_pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
+        run_options=runtime_fields(detect_pretrain_spec),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=lambda w: resources_of("pretrain", w.ds).get("gpus", 0),
     params:
-        spec=detect_pretrain_spec,
+        spec=result_fields(detect_pretrain_spec),
     shell:
-        "{resources.launch} detect-train --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "--tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"
 
 
@@ -73,10 +75,12 @@ rule detect_distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
+        run_options=runtime_fields(detect_distill_spec),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=lambda w: resources_of("distill", w.ds).get("gpus", 0),
     params:
-        spec=detect_distill_spec,
+        spec=result_fields(detect_distill_spec),
     shell:
-        "{resources.launch} detect-train --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "--tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"

@@ -16,10 +16,12 @@ rule distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
+        run_options=runtime_fields(distill_spec),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=lambda w: resources_of("distill", w.ds).get("gpus", 0),
     params:
-        spec=distill_spec,
+        spec=result_fields(distill_spec),
     shell:
-        "{resources.launch} distill --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "--tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"

@@ -14,10 +14,12 @@ rule pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
+        run_options=runtime_fields(pretrain_spec),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=lambda w: resources_of("pretrain", w.ds).get("gpus", 0),
     params:
-        spec=pretrain_spec,
+        spec=result_fields(pretrain_spec),
     shell:
-        "{resources.launch} pretrain --spec {params.spec:q} --tracking-uri {TRACKING_URI:q} "
+        "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "--tracking-uri {TRACKING_URI:q} "
         "> {log} 2>&1"

@@ -14,9 +14,11 @@ rule statistics:
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
+        run_options=runtime_fields(stats_spec),
         launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.tw}-{w.student}-{w.sw}", w.ds),
         gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
     params:
-        spec=stats_spec,
+        spec=result_fields(stats_spec),
     shell:
-        "{resources.launch} statistics --spec {params.spec:q} > {log} 2>&1"
+        "{resources.launch} statistics --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "> {log} 2>&1"

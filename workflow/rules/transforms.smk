@@ -31,12 +31,13 @@ rule learned_transform:
     log:
         log_path("{ds}", "transforms", "{teacher}-{tw}__{student}-{sw}", "{name}"),
     resources:
+        run_options=runtime_fields(learn_spec),
         launch=lambda w: launch("learned_transform", f"learn-{w.ds}-{w.student}-{w.name}", w.ds),
         gpus=lambda w: resources_of("learned_transform", w.ds).get("gpus", 0),
     params:
-        spec=learn_spec,
+        spec=result_fields(learn_spec),
         args=lambda w: transform_args(w.name) + " " + learned_args(),
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
-        "{resources.launch} transform --spec {params.spec:q} {params.args} --seed {params.seed} "
-        "--out {output} > {log} 2>&1"
+        "{resources.launch} transform --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "{params.args} --seed {params.seed} --out {output} > {log} 2>&1"

@@ -1,0 +1,87 @@
+"""Run specs: the run-time fields the workflow passes apart from the spec (``--runtime``)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kcd.config import train_spec, validate_config
+from kcd.errors import KcdError
+from kcd.specs import (
+    RUNTIME_FIELDS,
+    TrainSpec,
+    from_dict,
+    merge_runtime,
+    parse_runtime,
+    runtime_text,
+    split_runtime,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def spec() -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    validate_config(cfg)
+    return to_dict(train_spec(cfg, dataset="cifar100", arch="resnet20", seed=0, theta0="t.pt",
+                              out_dir="run", method="kd", teacher="resnet56",
+                              teacher_weights="teacher.pt"))
+
+
+def test_split_takes_exactly_the_run_time_fields_and_merge_restores_them(spec):
+    result, runtime = split_runtime(spec)
+    assert runtime == {section: {k: spec[section][k] for k in keys}
+                       for section, keys in RUNTIME_FIELDS.items()}
+    for section, keys in RUNTIME_FIELDS.items():
+        assert not set(keys) & set(result[section])
+    assert result["recipe"]["lr"] == spec["recipe"]["lr"]
+    assert merge_runtime(result, runtime) == spec
+    text = runtime_text(runtime)
+    assert "{" not in text and " " not in text  # Snakemake formats braces in a resource
+    assert parse_runtime(text) == runtime == parse_runtime(json.dumps(runtime))
+    assert from_dict(TrainSpec, merge_runtime(result, runtime)) == from_dict(TrainSpec, spec)
+    assert spec["recipe"]["log_every"] is not None  # split copied, did not mutate
+
+
+def test_a_spec_without_its_run_time_fields_still_loads_with_defaults(spec):
+    result, _ = split_runtime(spec)
+    loaded = from_dict(TrainSpec, result)
+    assert loaded.recipe.lr == spec["recipe"]["lr"] and loaded.data.workers == 0
+
+
+@pytest.mark.parametrize("runtime, message", [
+    ({"recipe": {"lr": 0.1}}, "recipe.lr is not a run-time field"),
+    ({"model": {"x": 1}}, "'model' is not a run-time section"),
+])
+def test_merge_refuses_result_fields(spec, runtime, message):
+    with pytest.raises(KcdError, match=message):
+        merge_runtime(split_runtime(spec)[0], runtime)
+
+
+def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
+    result, _ = split_runtime(spec)
+    run = subprocess.run([sys.executable, "-m", "kcd.cli", "distill", "--spec", json.dumps(result),
+                          "--runtime", "recipe.lr=1", "--no-track"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "kcd: error: --runtime: recipe.lr is not a run-time field "
+        "(known: log_every, checkpoint_every, eval_batch_size)"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("recipe.log_every", "is not SECTION.KEY=VALUE"),
+    ("log_every=3", "is not SECTION.KEY=VALUE"),
+    ("recipe.log_every=ten", "the value of recipe.log_every is not a number"),
+    ("{bad json", "--runtime is not valid JSON"),
+])
+def test_runtime_text_errors_name_the_item(text, message):
+    with pytest.raises(KcdError, match=message):
+        parse_runtime(text)
