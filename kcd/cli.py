@@ -276,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _job(args: argparse.Namespace, run: Callable[..., Any], **extra: Any) -> Any:
     """Run an analysis job from its ``--spec`` (JSON text or file) as keyword arguments."""
-    spec = _json_arg(args.spec, "--spec")
+    spec = _spec_arg(args)
     try:
         return run(**spec, **extra)
     except TypeError as e:
@@ -496,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = add(name, fn, text, config=False)
         p.add_argument("--spec", required=True, help="the job as JSON (text or file), as the "
                                                       "workflow writes it")
+        _runtime_flag(p)
 
     for name, fn, text in (
         ("detect-init", cmd_detect_init, "Table 9: theta0 of a Faster R-CNN + FPN detector"),
@@ -504,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = add(name, fn, text, config=False)
         p.add_argument("--spec", required=True, help="the job as JSON (text or file)")
+        _runtime_flag(p)
     p = add("detect-train", cmd_detect_train, "Table 9: pre-train or distil a detector")
     _tracked(p)
 

@@ -262,13 +262,14 @@ class _Canceller:
         threading.Thread(target=loop, name="kcd-launch-watchdog", daemon=True).start()
 
 
-def _run_warm(args: argparse.Namespace, kcd_argv: list[str]) -> int | None:
+def _run_warm(args: argparse.Namespace, kcd_argv: list[str], canceller: _Canceller) -> int | None:
     """Run the step in a fork of the warm worker (:mod:`kcd.warm`), its output going straight
     to this process's; None when the worker does not answer."""
-    canceller = _Canceller()
-    canceller.install()
     job = warm.submit(kcd_argv, args.cpus, args.gpus)
     if job is None:
+        if canceller.pending is not None:  # stopped while asking: start nothing
+            print(f"kcd.launch: signal {canceller.pending} before the job started", flush=True)
+            return 128 + canceller.pending
         print("kcd.launch: the warm worker did not answer; starting a new process", flush=True)
         return None
     print(f"kcd.launch: local job {job.job_id} ({args.name}) in a fork of the warm worker",
@@ -283,6 +284,7 @@ def _run_warm(args: argparse.Namespace, kcd_argv: list[str]) -> int | None:
         status = job.wait(timeout_s=60.0 * args.time_min)
     except TimeoutError:
         canceller.cancel_and_exit(f"time limit of {args.time_min} min reached", 1)
+        return 1  # the watchdog or a signal is already cancelling; it exits
     except ConnectionError as e:
         print(f"kcd.launch: job {job.job_id} ({args.name}) did not complete: {e}",
               file=sys.stderr, flush=True)
@@ -320,13 +322,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.launcher == "debug":
         return KcdJob()(kcd_argv, args.cpus) or 0
+    canceller = _Canceller()
+    canceller.install()  # before sbatch: a signal during the submission cancels right after it
     if args.launcher == "local" and args.tasks * args.nodes == 1 and os.environ.get(warm.ENV):
-        code = _run_warm(args, kcd_argv)
+        code = _run_warm(args, kcd_argv, canceller)
         if code is not None:
             return code
     executor = build_executor(args)
-    canceller = _Canceller()
-    canceller.install()  # before sbatch: a signal during the submission cancels right after it
     job = executor.submit(KcdJob(), kcd_argv, args.cpus)
     print(f"kcd.launch: {args.launcher} job {job.job_id} ({args.name}); job log in "
           f"{Path(args.log_dir) / str(job.job_id)}", flush=True)

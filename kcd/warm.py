@@ -4,22 +4,29 @@ At demo scale most jobs train for seconds, and each fresh process spends about f
 importing torch, torchvision, MLflow and the engines: over a hundred jobs, a third of the demo's
 CPU time. When Snakemake runs with the local launcher, the Snakefile's ``onstart`` starts one
 warm worker (:func:`start`); it imports all of that once and waits on a Unix socket. Each
-``python -m kcd.launch --launcher local`` then asks it for a fork (:func:`run`) instead of
+``python -m kcd.launch --launcher local`` then asks it for a fork (:func:`submit`) instead of
 starting a new interpreter. The fork:
 
-- takes the launcher's working directory and environment (``CUDA_VISIBLE_DEVICES`` set to the
-  job's GPUs, as submitit's local executor does) and writes to the launcher's own stdout and
-  stderr (passed over the socket), so the rule's log holds the step's output as it happens;
-- starts a new session, with default signal handlers, and runs ``kcd.cli.main`` exactly as a
-  fresh job process would (the same torch thread count), then the exit handlers;
+- takes the launcher's working directory, environment (``CUDA_VISIBLE_DEVICES`` set to the
+  job's GPUs, as submitit's local executor does) and umask, and writes to the launcher's own
+  stdout and stderr (passed over the socket), so the rule's log holds the step's output as it
+  happens;
+- is its own process group, with default signal handlers (Python's for SIGINT), and runs
+  ``kcd.cli.main`` with the job's torch thread count, then what an interpreter runs at exit;
 - is cancelled by the launcher on Ctrl-C, SIGTERM, a time limit or a vanished Snakemake (the
-  launcher signals its process group), and killed by the worker when its launcher disconnects.
+  launcher signals its process group), killed by the worker when its launcher disconnects, and
+  by the kernel when the worker dies.
 
-The worker has initialised no thread pool, no CUDA and no MLflow store before it forks, so
-each fork starts as clean as a new process. It exits when Snakemake's ``onsuccess``/``onerror``
-stops it, or by itself when the Snakemake process is gone. If it cannot be reached the launcher
-falls back to submitit's local executor, so warm workers change only the speed:
-``launcher.warm: false`` in the config switches them off.
+What a fork shares with the worker rather than with a fresh process: the interpreter's start-up
+settings (``sys.path``, ``PYTHONHASHSEED``, warning filters), resource limits and CPU affinity,
+numpy's BLAS pool (one thread, sized at the worker's start) and the code as it was when the
+worker started. The worker starts no CUDA context, no torch thread pool and no MLflow store
+before it forks; the engines seed every random stream themselves, so a fork computes what a
+fresh process computes (``tests/test_slurm.py`` compares the two run for run). The worker exits
+when Snakemake's ``onsuccess``/``onerror`` stops it, or by itself when the Snakemake process is
+gone. A request it cannot serve costs only that request: the launcher then falls back to
+submitit's local executor, so warm workers change only the speed. ``launcher.warm: false`` in
+the config switches them off.
 
 Light rules (transforms, tables) run ``python -m kcd.warm run -- ARGS`` (:func:`run`): a fork of
 the worker when one runs, else ``kcd ARGS`` in that process, on this machine either way.
@@ -45,6 +52,7 @@ PRELOAD = ("torch", "torchvision", "mlflow", "pandas", "kcd.cli", "kcd.train", "
            "kcd.statistics", "kcd.transforms", "kcd.tracking", "kcd.detection", "kcd.analysis",
            "kcd.analysis.overlap", "kcd.analysis.feature_consistency")
 MAX_MESSAGE = 1 << 20
+MAX_FD = 1 << 16  # the forks close every descriptor above 2 up to this
 READY_SECONDS = 120.0
 
 
@@ -63,32 +71,43 @@ def _child(request: dict, fds: list[int]) -> None:
     """In the fork: become the job and exit with its status. Never returns."""
     code = 1
     try:
+        os.setpgid(0, 0)  # its own process group (the worker sets it too, whoever runs first)
         _die_with_parent(request["worker"])
-        os.setsid()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's: KeyboardInterrupt
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
-        for fd in (devnull, *fds):
-            os.close(fd)
+        os.closerange(3, MAX_FD)  # the worker's socket, its connections, the selector
         os.chdir(request["cwd"])
+        os.umask(int(request.get("umask", 0o022)))
         os.environ.clear()
         os.environ.update(request["env"])
+        tempfile.tempdir = None  # from this job's TMPDIR, not the worker's
         sys.argv = ["kcd", *request["argv"]]
         from kcd.launch import KcdJob
 
         try:
             code = KcdJob().run(request["argv"], int(request["threads"]))
         except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if isinstance(e.code, int) or e.code is None:
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
         except BaseException:
             traceback.print_exc()
             code = 1
+        # what a normal interpreter exit runs: wait for non-daemon threads, then exit handlers
         import atexit
+        import threading
 
-        atexit._run_exitfuncs()  # what a normal interpreter exit runs (MLflow, tqdm, ...)
+        shutdown = getattr(threading, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
     except BaseException:
         traceback.print_exc()
     finally:
@@ -98,6 +117,16 @@ def _child(request: dict, fds: list[int]) -> None:
             except Exception:
                 pass
         os._exit(code)
+
+
+def _kill_group(pid: int, signum: int) -> None:
+    """Signal the job ``pid`` and its process group (its own from the fork on)."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signum)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 def _die_with_parent(parent: int) -> None:
@@ -127,6 +156,10 @@ def serve(path: str, parent: int | None = None) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launchers; they cancel
+    # numpy's BLAS pool is sized at import, here, for every fork: one thread, as a local job
+    # started with the default one CPU (OMP_NUM_THREADS=1) would have; torch's threads are set
+    # per job in the fork
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _preload()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     server.bind(path)
@@ -135,44 +168,16 @@ def serve(path: str, parent: int | None = None) -> int:
     selector.register(server, selectors.EVENT_READ)
     jobs: dict[int, socket.socket] = {}  # pid of a fork -> its launcher's connection
     print("ready", flush=True)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # whoever started the worker has stopped reading its output
+    os.close(devnull)
     try:
         while not stopping:
             for key, _ in selector.select(timeout=0.2):
                 if key.fileobj is server:
-                    conn, _ = server.accept()
-                    conn.settimeout(10.0)
-                    try:
-                        data, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 2)
-                        request = json.loads(data)
-                    except (OSError, ValueError):
-                        conn.close()
-                        continue
-                    if len(fds) != 2:
-                        for fd in fds:
-                            os.close(fd)
-                        conn.close()
-                        continue
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    request["worker"] = os.getpid()
-                    pid = os.fork()
-                    if pid == 0:
-                        server.close()
-                        for other in jobs.values():
-                            other.close()
-                        conn.close()
-                        _child(request, fds)
-                    for fd in fds:
-                        os.close(fd)
-                    jobs[pid] = conn
-                    _send(conn, {"pid": pid})
-                    selector.register(conn, selectors.EVENT_READ, pid)
+                    _accept(server, selector, jobs)
                 else:  # a launcher hung up before its job ended: kill the job
-                    pid = key.data
-                    try:
-                        os.killpg(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                    _kill_group(key.data, signal.SIGKILL)
                     selector.unregister(key.fileobj)
             while jobs:
                 try:
@@ -193,10 +198,7 @@ def serve(path: str, parent: int | None = None) -> int:
                 break
     finally:
         for pid in jobs:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_group(pid, signal.SIGKILL)
         server.close()
         for remove in (os.unlink, os.rmdir):  # the socket, then its folder if left empty
             try:
@@ -204,6 +206,46 @@ def serve(path: str, parent: int | None = None) -> int:
             except OSError:
                 pass
     return 0
+
+
+def _accept(server: socket.socket, selector: selectors.BaseSelector,
+            jobs: dict[int, socket.socket]) -> None:
+    """Take one request and fork its job. A bad request, or a fork that fails, costs only that
+    request: its launcher gets no pid and starts the job the usual way."""
+    try:
+        conn, _ = server.accept()
+    except OSError:
+        return
+    fds: list[int] = []
+    try:
+        conn.settimeout(10.0)
+        data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, 2)
+        if flags & getattr(socket, "MSG_TRUNC", 0) or len(fds) != 2:
+            raise ValueError("truncated request")
+        request = json.loads(data)
+        if not isinstance(request, dict):
+            raise ValueError("not a request")
+        request["worker"] = os.getpid()
+        sys.stderr.flush()
+        pid = os.fork()
+    except (OSError, ValueError, TypeError):
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return
+    if pid == 0:  # the fork closes these descriptors itself; their objects must not, later
+        for sock in (server, conn, *jobs.values()):
+            sock.detach()
+        _child(request, fds)
+    try:
+        os.setpgid(pid, pid)
+    except OSError:  # the fork already did it, or has exited
+        pass
+    for fd in fds:
+        os.close(fd)
+    jobs[pid] = conn
+    _send(conn, {"pid": pid})
+    selector.register(conn, selectors.EVENT_READ, pid)
 
 
 def _alive(pid: int) -> bool:
@@ -232,10 +274,7 @@ class WarmJob:
         self.job_id = f"warm-{pid}"
 
     def cancel(self, check: bool = False) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _kill_group(self.pid, signal.SIGTERM)
 
     def wait(self, timeout_s: float | None = None) -> int:
         """The job's exit status: its code, -N when killed by signal N."""
@@ -262,7 +301,9 @@ def submit(argv: list[str], threads: int, gpus: int = 0, path: str | None = None
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.pop(ENV, None)
-    request = {"argv": argv, "threads": threads, "cwd": os.getcwd(), "env": env}
+    umask = os.umask(0)
+    os.umask(umask)
+    request = {"argv": argv, "threads": threads, "cwd": os.getcwd(), "env": env, "umask": umask}
     sys.stdout.flush()
     sys.stderr.flush()
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -171,3 +171,25 @@ def test_worker_exits_and_cleans_up_when_its_parent_is_gone(tmp_path):
         for p in (parent, server):
             if p.poll() is None:
                 p.kill()
+
+
+@pytest.mark.parametrize("payload, with_fds", [(b"not json", True), (b"[1, 2]", True),
+                                               (b'{"argv": []}', False)])
+def test_a_bad_request_costs_only_itself(worker, tmp_path, payload, with_fds):
+    import socket
+
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn.settimeout(15)
+    conn.connect(worker.path)
+    fds = [os.open(os.devnull, os.O_WRONLY) for _ in range(2)] if with_fds else []
+    try:
+        socket.send_fds(conn, [payload], fds)
+        assert conn.recv(1024) == b""  # closed without a job
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+    assert worker.process.poll() is None
+    ok = subprocess.run([*LAUNCH, "--", "--help"], cwd=tmp_path, env=_env(worker.path),
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "in a fork of the warm worker" in ok.stdout

@@ -52,12 +52,14 @@ rule detect_statistics:
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
+        run_options=runtime_fields(detect_stats_spec),
         launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.tw}-{w.student}-{w.sw}", w.ds),
         gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
     params:
-        spec=detect_stats_spec,
+        spec=result_fields(detect_stats_spec),
     shell:
-        "{resources.launch} detect-statistics --spec {params.spec:q} -q > {log} 2>&1"
+        "{resources.launch} detect-statistics --spec {params.spec:q} "
+        "--runtime {resources.run_options:q} -q > {log} 2>&1"
 
 
 rule detect_distill:
