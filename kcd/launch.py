@@ -246,6 +246,16 @@ class _Canceller:
         finally:
             os._exit(code)
 
+    def attach(self, job) -> None:
+        """Cancel ``job`` from now on: at once for a signal that came while it was being
+        submitted, on any later signal, and when the Snakemake process above is gone."""
+        self.job = job
+        if self.pending is not None:
+            self.on_signal(self.pending)
+        snakemake = _snakemake_ancestor()
+        if snakemake is not None:
+            self.watch(snakemake)
+
     def watch(self, snakemake: tuple[int, str]) -> None:
         """In a daemon thread: cancel when the Snakemake process ``(pid, start time)`` has
         exited (gone, a zombie, or its pid reused by another process)."""
@@ -274,12 +284,7 @@ def _run_warm(args: argparse.Namespace, kcd_argv: list[str], canceller: _Cancell
         return None
     print(f"kcd.launch: local job {job.job_id} ({args.name}) in a fork of the warm worker",
           flush=True)
-    canceller.job = job
-    if canceller.pending is not None:
-        canceller.on_signal(canceller.pending)
-    snakemake = _snakemake_ancestor()
-    if snakemake is not None:
-        canceller.watch(snakemake)
+    canceller.attach(job)
     try:
         status = job.wait(timeout_s=60.0 * args.time_min)
     except TimeoutError:
@@ -332,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     job = executor.submit(KcdJob(), kcd_argv, args.cpus)
     print(f"kcd.launch: {args.launcher} job {job.job_id} ({args.name}); job log in "
           f"{Path(args.log_dir) / str(job.job_id)}", flush=True)
-    canceller.job = job
-    if canceller.pending is not None:
-        canceller.on_signal(canceller.pending)
-    snakemake = _snakemake_ancestor()
-    if snakemake is not None:
-        canceller.watch(snakemake)
+    canceller.attach(job)
     try:
         _wait(job, args.launcher)
         if args.tasks * args.nodes > 1:
