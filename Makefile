@@ -25,6 +25,7 @@ test: install
 bench: install
 	$(BIN)/python bench/bench_statistics.py
 	$(BIN)/python bench/bench_distill_step.py
+	$(BIN)/python bench/bench_launch.py
 
 clean-demo:
 	rm -rf results resources .snakemake
