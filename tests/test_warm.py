@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -193,3 +194,89 @@ def test_a_bad_request_costs_only_itself(worker, tmp_path, payload, with_fds):
     ok = subprocess.run([*LAUNCH, "--", "--help"], cwd=tmp_path, env=_env(worker.path),
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "in a fork of the warm worker" in ok.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigkill"])
+def test_stopping_snakemake_stops_its_warm_jobs_and_worker(tmp_path, how):
+    """The local launcher's jobs run in forks of the warm worker: Ctrl-C (SIGINT to Snakemake's
+    process group), SIGTERM to Snakemake alone or SIGKILL to it, while a long pre-training
+    runs, leaves no process of the run (launchers, forks, worker), no socket, no final.pt."""
+    import yaml
+
+    from tests.test_workflow import SNAKEMAKE, _config
+
+    cfg = _config()
+    cfg["recipes"]["cifar100"]["default"].update(iterations=1_000_000, milestones=[500_000],
+                                                 checkpoint_every=100_000, log_every=100_000)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/cifar100/models/resnet20-s0/final.pt"
+    env = _env(None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("kcd-warm-*")}
+    with open(tmp_path / "snakemake.out", "w") as out:
+        proc = subprocess.Popen([*SNAKEMAKE, "-d", str(tmp_path), "--cores", "1", target],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its group is what Ctrl-C reaches
+    try:
+        deadline = time.monotonic() + 180
+        log = tmp_path / "results/logs/cifar100/pretrain/resnet20-s0.log"
+        while not (log.exists() and "in a fork of the warm worker" in log.read_text()):
+            assert proc.poll() is None, (tmp_path / "snakemake.out").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the pre-training never started"
+            time.sleep(0.3)
+        worker_pid = _descendant(proc.pid, "kcd.warm")
+        fork = next(iter(_children(worker_pid)))
+        time.sleep(1.0)
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        code = proc.wait(timeout=60)
+        if how != "sigkill":
+            assert code != 0
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in (worker_pid, fork)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(fork), f"the job's fork outlived Snakemake ({how})"
+        assert not _alive(worker_pid), f"the warm worker outlived Snakemake ({how})"
+        left = subprocess.run(["pgrep", "-f", "kcd.launch.*resnet20-s0"], capture_output=True,
+                              text=True).stdout.split()
+        assert not [p for p in left if _alive(int(p))], "a launcher outlived Snakemake"
+        assert not (tmp_path / target).exists()
+        after = {p.name for p in Path(tempfile.gettempdir()).glob("kcd-warm-*")}
+        assert after <= before, f"socket folders left: {after - before}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.add(int(name))
+    return found
+
+
+def _descendant(root: int, marker: str) -> int:
+    """The first process below ``root`` whose command line contains ``marker``."""
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        for child in _children(pid):
+            try:
+                cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmd:
+                return child
+            todo.append(child)
+    raise AssertionError(f"no {marker} process below {root}")
