@@ -131,6 +131,14 @@ def test_run_time_fields_rerun_nothing_and_still_reach_the_job(built):
     assert result["spec"]["data"]["workers"] == 0
 
 
+def test_warm_worker_can_be_switched_off_from_the_command_line(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    run = _snakemake(tmp_path, "results/tables.md", "-n", "--config",
+                     "launcher={kind: local, warm: false}")
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_bad_config_fails_before_any_job(tmp_path):
     cfg = _config()
     cfg["recipes"]["cifar100"]["default"]["lr"] = -1

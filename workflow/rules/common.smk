@@ -40,6 +40,9 @@ from kcd.tracking import ensure_store, tracking_uri
 for _key in ("seeds",):
     if isinstance(config.get(_key), list):
         config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
+# `--config 'launcher={kind: local, warm: false}'` arrives with "false" as a string.
+if isinstance(config.get("launcher"), dict) and config["launcher"].get("warm") in ("true", "false"):
+    config["launcher"]["warm"] = config["launcher"]["warm"] == "true"
 
 try:
     validate_config(config)
