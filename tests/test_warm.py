@@ -119,18 +119,27 @@ def _long_pretrain(worker, tmp_path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+def _children(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+                found.add(int(name))
+    return found
+
+
 def _fork_pid(worker) -> int:
     """The pid of the worker's fork that runs a job (a child of the worker)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == worker.process.pid and fields[0] not in ("Z", "X"):
-                    return int(name)
+        children = _children(worker.process.pid)
+        if children:
+            return next(iter(children))
         time.sleep(0.2)
     raise AssertionError("no fork of the warm worker is running the job")
 
@@ -251,19 +260,6 @@ def test_stopping_snakemake_stops_its_warm_jobs_and_worker(tmp_path, how):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                found.add(int(name))
-    return found
 
 
 def _descendant(root: int, marker: str) -> int:
