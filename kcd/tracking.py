@@ -105,8 +105,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self._client = MlflowClient(tracking_uri=self.uri)
-        exp = self._client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self._client.create_experiment(self.experiment)
+        exp_id = self._experiment_id()
         commit = git_commit()
         tags = dict(self.tags)
         if commit:
@@ -117,6 +116,20 @@ class MlflowTracker:
         for i in range(0, len(params), 100):
             self._client.log_batch(self.run_id, params=params[i:i + 100],
                                    tags=[RunTag("mlflow.runName", self.run_name)] if i == 0 else [])
+
+    def _experiment_id(self) -> str:
+        """The experiment's id, created if absent. Parallel jobs starting together may both
+        find it absent: the one whose create fails uses the other's."""
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self._client.create_experiment(self.experiment)
+        except Exception:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Buffer ``metrics`` at ``step``; flushed in batches."""

@@ -53,3 +53,27 @@ def test_tracking_failure_keeps_the_run_files(tiny_cfg, tmp_path, capsys):
         result = train(spec, tracker=tracker, progress=False)
     assert (tmp_path / "run" / RESULT).exists() and result["top1"] >= 0
     assert "MLflow tracking disabled" in capsys.readouterr().err
+
+
+def test_experiment_created_by_a_parallel_job_meanwhile_is_used(tmp_path, monkeypatch, capsys):
+    """Two jobs starting together both find the experiment absent; the second one's create
+    fails (unique name) and it must log into the first one's experiment, not switch off."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ensure_store(uri)
+    other = MlflowClient(uri).create_experiment("kcd-race")  # the parallel job's
+    real_get = MlflowClient.get_experiment_by_name
+    seen = []
+
+    def stale_first_lookup(self, name):
+        seen.append(name)
+        return None if len(seen) == 1 else real_get(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", stale_first_lookup)
+    with MlflowTracker(uri, "kcd-race", "run", params={"seed": 0}, tags={}) as tracker:
+        tracker.log_metrics({"train/ce": 1.0}, 1)
+    assert "tracking disabled" not in capsys.readouterr().err
+    assert len(seen) == 2
+    runs = MlflowClient(uri).search_runs([other])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
