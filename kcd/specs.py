@@ -141,15 +141,9 @@ def runtime_text(runtime: dict) -> str:
 
 
 def parse_runtime(text: str) -> dict:
-    """The inverse of :func:`runtime_text`; a JSON object is accepted too."""
-    text = text.strip()
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except ValueError as e:
-            raise KcdError(f"--runtime is not valid JSON: {e}") from None
+    """The inverse of :func:`runtime_text`."""
     runtime: dict = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, text.strip().split(",")):
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:

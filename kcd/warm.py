@@ -249,17 +249,10 @@ def _accept(server: socket.socket, selector: selectors.BaseSelector,
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return state not in ("Z", "X")
+    from kcd.launch import _proc_stat  # (kcd.launch imports this module)
+
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 # --------------------------------------------------------------------------- the launcher's side

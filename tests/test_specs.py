@@ -44,7 +44,7 @@ def test_split_takes_exactly_the_run_time_fields_and_merge_restores_them(spec):
     assert merge_runtime(result, runtime) == spec
     text = runtime_text(runtime)
     assert "{" not in text and " " not in text  # Snakemake formats braces in a resource
-    assert parse_runtime(text) == runtime == parse_runtime(json.dumps(runtime))
+    assert parse_runtime(text) == runtime
     assert from_dict(TrainSpec, merge_runtime(result, runtime)) == from_dict(TrainSpec, spec)
     assert spec["recipe"]["log_every"] is not None  # split copied, did not mutate
 
@@ -80,7 +80,6 @@ def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
     ("recipe.log_every", "is not SECTION.KEY=VALUE"),
     ("log_every=3", "is not SECTION.KEY=VALUE"),
     ("recipe.log_every=ten", "the value of recipe.log_every is not a number"),
-    ("{bad json", "--runtime is not valid JSON"),
 ])
 def test_runtime_text_errors_name_the_item(text, message):
     with pytest.raises(KcdError, match=message):

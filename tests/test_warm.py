@@ -1,7 +1,6 @@
 """The warm worker (kcd/warm.py): local jobs run in forks of one process that imported torch."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kcd import warm
+from kcd.launch import _proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "kcd.launch", "--launcher", "local"]
@@ -35,11 +35,8 @@ def _env(socket_path: str | None) -> dict:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 def test_launcher_runs_the_step_in_a_fork_with_its_output_and_status(worker, tmp_path):
@@ -121,16 +118,9 @@ def _long_pretrain(worker, tmp_path) -> subprocess.Popen:
 
 def _children(pid: int) -> set[int]:
     """The live child processes of ``pid`` (Linux /proc)."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-                found.add(int(name))
-    return found
+    stats = {int(n): _proc_stat(int(n)) for n in os.listdir("/proc") if n.isdigit()}
+    return {child for child, stat in stats.items()
+            if stat is not None and stat[1] == pid and stat[0] not in ("Z", "X")}
 
 
 def _fork_pid(worker) -> int:

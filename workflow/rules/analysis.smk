@@ -11,10 +11,10 @@ rule overlap:
     log:
         log_path("{ds}", "analysis", "overlap"),
     resources:
-        run_options=runtime_fields(lambda w: json.dumps(overlap_spec())),
+        run_options=runtime_fields(lambda w: overlap_spec()),
         launch=lambda w: launch("analysis", f"overlap-{w.ds}", w.ds),
     params:
-        spec=result_fields(lambda w: json.dumps(overlap_spec())),
+        spec=result_fields(lambda w: overlap_spec()),
     shell:
         "{resources.launch} overlap --spec {params.spec:q} --runtime {resources.run_options:q} "
         "-q > {log} 2>&1"
@@ -29,10 +29,10 @@ rule feature_consistency:
     log:
         log_path("{ds}", "analysis", "feature_consistency"),
     resources:
-        run_options=runtime_fields(lambda w: json.dumps(consistency_spec())),
+        run_options=runtime_fields(lambda w: consistency_spec()),
         launch=lambda w: launch("analysis", f"consistency-{w.ds}", w.ds),
     params:
-        spec=result_fields(lambda w: json.dumps(consistency_spec())),
+        spec=result_fields(lambda w: consistency_spec()),
     shell:
         "{resources.launch} feature-consistency --spec {params.spec:q} --runtime {resources.run_options:q} "
         "-q > {log} 2>&1"
@@ -48,10 +48,10 @@ rule figure1:
     log:
         log_path("analysis", "figure1"),
     resources:
-        run_options=runtime_fields(lambda w: json.dumps(figure1_spec())),
+        run_options=runtime_fields(lambda w: figure1_spec()),
         launch=lambda w: launch("analysis", "figure1", FIGURE1["dataset"]),
     params:
-        spec=result_fields(lambda w: json.dumps(figure1_spec())),
+        spec=result_fields(lambda w: figure1_spec()),
     shell:
         "{resources.launch} figure1 --spec {params.spec:q} --runtime {resources.run_options:q} "
         "-q > {log} 2>&1"

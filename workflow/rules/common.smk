@@ -51,6 +51,7 @@ except KcdError as e:
     raise WorkflowError(f"invalid config: {e}")
 
 RESULTS = config["results"]
+SCALE = config.get("scale", "demo")
 LOGS = f"{RESULTS}/logs"
 PY = sys.executable
 KCD = f"{shlex.quote(PY)} -m kcd.warm run --"  # light rules: `kcd ...`, warm when it can
@@ -88,10 +89,14 @@ wildcard_constraints:
 
 
 def ensure_tracking_store():
-    """Create the MLflow store's schema once, before parallel jobs write to it; mark the
-    results folder with the config's scale (a later run at another scale is refused)."""
-    mark_results_scale(RESULTS, config.get("scale", "demo"))
+    """Create the MLflow store's schema once, before parallel jobs write to it."""
     ensure_store(TRACKING_URI)
+
+
+def mark_results():
+    """Record the config's scale in the results folder (a later run at another scale is
+    refused before any job)."""
+    mark_results_scale(RESULTS, SCALE)
 
 
 _WARM = []
@@ -245,19 +250,15 @@ def launch(rule_name, name, ds=None):
     return shlex.join(args) + " --"
 
 
-def spec_json(spec):
-    return json.dumps(to_dict(spec), sort_keys=True)
-
-
 def result_fields(spec_fn):
-    """params: the job's spec without its run-time fields (Snakemake re-runs a job whose
-    params changed; logging or checkpoint periods must not count)."""
-    return lambda w: json.dumps(split_runtime(json.loads(spec_fn(w)))[0], sort_keys=True)
+    """params: the job's spec (``spec_fn(w)``, a dict) without its run-time fields, as JSON
+    (Snakemake re-runs a job whose params changed; logging or checkpoint periods must not)."""
+    return lambda w: json.dumps(split_runtime(spec_fn(w))[0], sort_keys=True)
 
 
 def runtime_fields(spec_fn):
     """resources: the spec's run-time fields, passed as `--runtime` (not a rerun trigger)."""
-    return lambda w: runtime_text(split_runtime(json.loads(spec_fn(w)))[1])
+    return lambda w: runtime_text(split_runtime(spec_fn(w))[1])
 
 
 def teachers(ds):
@@ -265,7 +266,7 @@ def teachers(ds):
 
 
 def pretrain_spec(w):
-    return spec_json(train_spec(
+    return to_dict(train_spec(
         config, dataset=w.ds, arch=w.arch, seed=int(w.seed),
         theta0=theta0_path(w.ds, w.arch, w.seed), out_dir=model_dir(w.ds, w.arch, w.seed),
         save_anchors=w.arch in teachers(w.ds)))
@@ -286,7 +287,7 @@ def dynamic_options(transform):
 
 
 def distill_spec(w):
-    return spec_json(train_spec(
+    return to_dict(train_spec(
         config, dataset=w.ds, arch=w.student, seed=int(w.seed),
         theta0=theta0_path(w.ds, w.student, w.seed),
         out_dir=run_dir(w.ds, w.teacher, w.tseed, w.student, w.method, w.transform, w.seed),
@@ -309,7 +310,7 @@ def stats_groups(ds, teacher, student):
 
 
 def stats_spec(w):
-    return spec_json(statistics_spec(
+    return to_dict(statistics_spec(
         config, dataset=w.ds, teacher=w.teacher,
         teacher_weights=weights_path(w.ds, w.teacher, w.tw),
         student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
@@ -319,7 +320,7 @@ def stats_spec(w):
 
 def learn_spec(w):
     """A learned transform reads the pair's models and data: a statistics spec carries them."""
-    return spec_json(statistics_spec(
+    return to_dict(statistics_spec(
         config, dataset=w.ds, teacher=w.teacher,
         teacher_weights=weights_path(w.ds, w.teacher, w.tw),
         student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
@@ -350,7 +351,7 @@ def comparison_plan(name):
         "columns": list(t["students"]),
         "rows": rows,
         "metric": "top1",
-        "scale": config.get("scale", "demo"),
+        "scale": SCALE,
     }
 
 
@@ -380,7 +381,7 @@ def ablation_plan(n):
         "table": n, "title": ABLATION_TITLES[n], "dataset": ds, "teacher": teacher,
         "teacher_results": [f"{model_dir(ds, teacher, TSEED)}/result.json"],
         "columns": [student], "paper_value": "top1", "rows": rows, "metric": "top1",
-        "scale": config.get("scale", "demo"),
+        "scale": SCALE,
     }
 
 
@@ -468,7 +469,7 @@ def overlap_plan(n=10):
             for label, _, _ in spec["pairs"]]
     return {"table": 10, "title": "channel overlap (%) of the top-k channels per class",
             "dataset": ds, "columns": columns, "rows": rows, "row_header": "Models",
-            "scale": config.get("scale", "demo"), "digits": 1,
+            "scale": SCALE, "digits": 1,
             "description": f"{student} students (seeds {config['seeds'][0]} and "
                            f"{ABLATIONS.get('second_seed', 1)}), {teacher} teacher and the "
                            f"teacher after the {KCD_TRANSFORM} transform (T(T)); per class, "
@@ -488,7 +489,7 @@ def consistency_plan(n=11):
     return {"table": 11, "title": "feature consistency between teacher and student",
             "dataset": ds, "columns": ["kl_divergence", "l2_distance"],
             "column_labels": {"kl_divergence": "KL", "l2_distance": "L2"}, "rows": rows,
-            "row_header": "Models", "scale": config.get("scale", "demo"),
+            "row_header": "Models", "scale": SCALE,
             "description": f"{teacher} teacher vs {student} students on the evaluation split: "
                            "KL(teacher || student) of the softmax outputs and the L2 distance "
                            "between feature maps at the distilled layer, per image, averaged. "
@@ -505,13 +506,13 @@ def detect_init_spec(w):
 
 
 def detect_pretrain_spec(w):
-    return spec_json(detection_spec(
+    return to_dict(detection_spec(
         config, backbone=w.arch, seed=int(w.seed), theta0=theta0_path(w.ds, w.arch, w.seed),
         out_dir=model_dir(w.ds, w.arch, w.seed)))
 
 
 def detect_distill_spec(w):
-    return spec_json(detection_spec(
+    return to_dict(detection_spec(
         config, backbone=w.student, seed=int(w.seed),
         theta0=theta0_path(w.ds, w.student, w.seed),
         out_dir=run_dir(w.ds, w.teacher, w.tseed, w.student, w.method, w.transform, w.seed),
@@ -521,10 +522,10 @@ def detect_distill_spec(w):
 
 
 def detect_stats_spec(w):
-    return json.dumps(detection_statistics_args(
+    return detection_statistics_args(
         config, teacher=w.teacher, teacher_weights=weights_path(w.ds, w.teacher, w.tw),
         student=w.student, student_weights=weights_path(w.ds, w.student, w.sw),
-        out=stats_path(w.ds, w.teacher, w.tw, w.student, w.sw)), sort_keys=True)
+        out=stats_path(w.ds, w.teacher, w.tw, w.student, w.sw))
 
 
 def detection_plan(n=9):
@@ -544,7 +545,7 @@ def detection_plan(n=9):
         "teacher_paper": {"match": [["setting", "Teacher"], ["backbone", teacher]],
                           "column": "AP"},
         "columns": list(d["students"]), "paper_column_key": "backbone", "paper_value": "AP",
-        "rows": rows, "scale": config.get("scale", "demo"),
+        "rows": rows, "scale": SCALE,
         "description": f"COCO box AP (%) on the evaluation split; {teacher} teacher; students "
                        "by backbone. L2: feature L2 at the last backbone map before its ReLU "
                        "(through a 1x1 regressor when the student has fewer channels); Ours: "
