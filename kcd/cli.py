@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from kcd.errors import KcdError
 
-DEFAULT_CONFIG = "config/config.yaml"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -26,7 +25,7 @@ DEFAULT_CONFIG = "config/config.yaml"
 def _config(args: argparse.Namespace) -> dict:
     from kcd.config import load_config
 
-    return load_config(args.config or [DEFAULT_CONFIG], args.set or [])
+    return load_config(args.config or [], args.set or [])
 
 
 def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: dict,
@@ -234,7 +233,8 @@ def cmd_transform(args: argparse.Namespace) -> None:
             teacher_weights=args.teacher_weights, student=args.student,
             student_weights=args.student_weights, layers=_layers(args),
             data=data_spec(cfg, args.dataset), num_classes=num_classes(cfg, args.dataset),
-            out=args.out, steps=args.steps, seed=args.seed, progress=not args.quiet,
+            out=args.out, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            seed=args.seed, progress=not args.quiet,
         )
     else:
         if not args.stats:
@@ -308,6 +308,59 @@ def cmd_figure1(args: argparse.Namespace) -> None:
     _summary(f"figure 1 -> {png}, {pdf}")
 
 
+def cmd_config(args: argparse.Namespace) -> None:
+    """``kcd config show``: the resolved config and every job a dry run would start."""
+    import subprocess
+    import tempfile
+
+    import pandas as pd
+    import yaml
+
+    from kcd.dryrun import RESOLVED_CONFIG_ENV, parse_dry_run, summary
+
+    rest = list(args.snakemake_args)
+    jobs_only = "--jobs-only" in rest  # REMAINDER keeps kcd's own flag among snakemake's
+    rest = [a for a in rest if a != "--jobs-only"]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    _check_configfile_order(rest)
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        env = {**os.environ, RESOLVED_CONFIG_ENV: str(resolved)}
+        run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", *rest],
+                             capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+            raise KcdError("the dry run failed: " + (lines[-1] if lines else "no output"))
+        cfg = yaml.safe_load(resolved.read_text()) if resolved.is_file() else None
+    jobs = parse_dry_run(run.stdout + run.stderr)
+    if cfg is not None and not jobs_only:
+        print(f"# resolved config (scale {cfg.get('scale')})")
+        print(yaml.safe_dump(cfg, sort_keys=False, width=100), end="")
+        print()
+    rows = summary(jobs)
+    if not rows:
+        _summary("nothing to be done (every target exists)")
+        return
+    table = pd.DataFrame(rows, dtype=object).fillna("")
+    print(f"# {len(rows)} jobs, {sum(1 for r in rows if r['gpus'])} of them on GPUs")
+    print(table.to_string(index=False))
+
+
+def _check_configfile_order(argv: list[str]) -> None:
+    """Snakemake's ``--configfile`` takes every following word: a target after it is read as
+    a config file. Say so in one line instead of Snakemake's traceback."""
+    taking = False
+    for word in argv:
+        if word in ("--configfile", "--configfiles"):
+            taking = True
+        elif word.startswith("-"):
+            taking = False
+        elif taking and not Path(word).is_file():
+            raise KcdError(f"config file {word} does not exist; if it is a target, put targets "
+                           "before --configfile or end its list with --")
+
+
 def cmd_detect_init(args: argparse.Namespace) -> None:
     from kcd.detection import init_detector
 
@@ -364,7 +417,8 @@ def cmd_tables_md(args: argparse.Namespace) -> None:
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", action="append", metavar="FILE",
-                       help=f"config file(s), later ones win (default {DEFAULT_CONFIG})")
+                       help="config file(s), later ones win, over the scale's own file "
+                            "config/<scale>.yaml (default scale: demo)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one config key, e.g. recipes.cifar100.default.lr=0.05")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -508,6 +562,15 @@ def build_parser() -> argparse.ArgumentParser:
         _runtime_flag(p)
     p = add("detect-train", cmd_detect_train, "Table 9: pre-train or distil a detector")
     _tracked(p)
+
+    p = add("config", cmd_config, "show the resolved config and one line per job that "
+                                  "`snakemake -n` would run (check before a cluster run)",
+            config=False)
+    p.add_argument("action", choices=["show"])
+    p.add_argument("snakemake_args", nargs=argparse.REMAINDER, metavar="SNAKEMAKE ARGS",
+                   help="what you would pass to snakemake: targets, --configfile, --profile, "
+                        "--config, e.g. results/table8.csv --configfile config/paper.yaml "
+                        "site.yaml; --jobs-only: print only the job table")
 
     p = add("table", cmd_table, "build one of the paper's tables from run results",
             config=False)

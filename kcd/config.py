@@ -54,23 +54,106 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def load_config(paths: Iterable[str | Path], overrides: Iterable[str] = ()) -> dict:
-    """Load YAML files in order (later ones win), apply ``KEY=VALUE`` overrides, validate."""
-    cfg: dict = {}
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise KcdError(f"config file {p} does not exist")
+SCALES = ("demo", "paper")
+"""The scales, each complete in its own file ``config/<scale>.yaml``: ``demo`` (the default,
+generated data, CPU minutes) and ``paper`` (Section 4.1 as written)."""
+DEFAULT_SCALE = "demo"
+CONFIG_DIR = Path("config")  # the scale files, relative to the working directory
+_REPO_CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"  # else the repository's
+
+
+def scale_file(scale: str) -> Path:
+    """``config/<scale>.yaml`` of the working directory, else of the repository."""
+    if scale not in SCALES:
+        raise KcdError(f"config key scale: '{scale}' is not a scale; known: {', '.join(SCALES)}")
+    for folder in (CONFIG_DIR, _REPO_CONFIG_DIR):
+        path = folder / f"{scale}.yaml"
+        if path.is_file():
+            return path
+    raise KcdError(f"config file {CONFIG_DIR / f'{scale}.yaml'} (the {scale} scale's values) "
+                   "does not exist; run from the repository root")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """One YAML config file as a mapping; errors name the file (and line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise KcdError(f"config file {p} does not exist; check the path (targets go before "
+                       "--configfile, or end its list with --)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise KcdError(f"config file {where} is not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise KcdError(f"config file {p} is not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KcdError(f"config file {p} must hold a mapping (key: value) at the top level")
+    return data
+
+
+def coerce_override(value: Any) -> Any:
+    """A ``--config`` value as YAML would read it (Snakemake passes nested values as strings:
+    ``seeds=[0,1]`` gives ``['0', '1']``, ``launcher={warm: false}`` gives ``'false'``)."""
+    if isinstance(value, dict):
+        return {k: coerce_override(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [coerce_override(v) for v in value]
+    if isinstance(value, str):
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise KcdError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise KcdError(f"config file {p} must hold a mapping at the top level")
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        if parsed is None or isinstance(parsed, (bool, int, float)):
+            return parsed
+    return value
+
+
+def resolve_config(files: Iterable[str | Path] = (), overrides: dict | None = None) -> dict:
+    """The config of a run: one scale's values, then the user's layers, validated.
+
+    ``files`` are config files in order (later ones win), ``overrides`` the command line's
+    keys (``--config`` / ``--set``), which win over every file. The scale is the last one
+    named (``scale:``), else ``demo``. A file that names its scale is complete for that scale
+    (``config/paper.yaml``, or a test's own config); a file that does not is a layer (a site
+    file: dataset roots, cluster keys). When no complete file is given, the scale's own file
+    ``config/<scale>.yaml`` is the base. So a value of one scale never reaches another: a
+    complete file of another scale is refused, and the demo's values are never read at paper
+    scale.
+    """
+    layers = [(str(f), read_config_file(f)) for f in files]
+    over = coerce_override(dict(overrides or {}))
+    named = [(src, d["scale"]) for src, d in layers if d.get("scale") is not None]
+    scale = over.get("scale") or (named[-1][1] if named else DEFAULT_SCALE)
+    for src, s in named:
+        if s != scale:
+            raise KcdError(f"config file {src} holds the {s} scale's values but the scale is "
+                           f"{scale}; a scale's values come from its own file only: use "
+                           f"config/{scale}.yaml (or your copy of it) instead of {src}")
+    cfg: dict = {}
+    if not named:
+        base = scale_file(scale)
+        cfg = read_config_file(base)
+        if cfg.get("scale") != scale:
+            raise KcdError(f"config file {base}: its key scale must be {scale}")
+    for _, data in layers:
         cfg = deep_merge(cfg, data)
-    for o in overrides:
-        cfg = deep_merge(cfg, parse_override(o))
+    cfg = deep_merge(cfg, over)
+    cfg["scale"] = scale
     return validate_config(cfg)
+
+
+def load_config(paths: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict:
+    """:func:`resolve_config` of config files and ``KEY=VALUE`` overrides (the CLI's
+    ``--config`` and ``--set``)."""
+    over: dict = {}
+    for o in overrides:
+        over = deep_merge(over, parse_override(o))
+    return resolve_config(paths, over)
 
 
 def validate_config(cfg: dict) -> dict:

@@ -99,6 +99,18 @@ def _center(x: Tensor) -> Tensor:
     return x - _channel_offset(x)
 
 
+def _recenter_(rows: Tensor, offset: Tensor) -> Tensor:
+    """Centre float32 ``rows`` (k x c) on their column mean in place; return their new offset.
+
+    ``rows + offset`` (``offset`` float64, c) are the values the rows stand for. The mean is
+    rounded to float32 and subtracted from the rows, and the returned ``offset + mean`` (float64)
+    keeps ``rows + offset`` the same values up to the float32 rounding of that subtraction.
+    """
+    mean = rows.sum(0, dtype=torch.float64).div_(rows.shape[0]).float()
+    rows.sub_(mean)
+    return offset + mean.double()
+
+
 # --------------------------------------------------------------------------------------------
 # Metric formulas on features in memory
 # --------------------------------------------------------------------------------------------
@@ -278,10 +290,13 @@ class ConsistencyStatistics:
       product ``sum_n a_ni b_nj``, of data shifted by a per-channel constant (the first batch's
       mean, see :func:`_channel_offset`). Shifting keeps the sums well conditioned when features
       have mean ≫ std. The per-channel sums are float64. The cross product is one float32 matrix
-      product ``XᵀY`` per block of samples (see Memory), added into a float64 sum; every metric is
-      derived from the sums in float64. The float32 product limits the precision of an L2
-      distance between near-identical channels to ~1e-7 of the channel norms (at N=50k, c=256 the
-      largest errors against float64 are ~2e-8 for correlation/cosine and ~1e-7 relative for kl).
+      product ``XᵀY`` per block of samples (see Memory) of the block's samples centred on their
+      own mean; its offsets are added back in float64 algebra into the float64 sum, so the
+      float32 rounding scales with the spread within a block, whatever the shift or the batch
+      sizes (a 1-sample first batch, class-sorted data). Every metric is derived from the sums in
+      float64. The float32 product limits the precision of an L2 distance between near-identical
+      channels to ~1e-7 of the channel norms (at N=50k, c=256 the largest errors against float64
+      are ~2e-8 for correlation/cosine and ~1e-7 relative for kl).
     * ``kl``: a streaming log-sum-exp per channel on the shifted data (a softmax over samples is
       shift invariant): for teacher channel i the running maximum ``m_i``,
       ``Z_i = sum exp(a_ni - m_i)`` and ``U_i = sum exp(a_ni - m_i) a_ni``; for student channel j
@@ -294,7 +309,7 @@ class ConsistencyStatistics:
       slower, since ``|x - y|`` has no fast matrix-product kernel.
 
     Memory: the state (``c_T x c_S`` float64 per matrix statistic, vectors otherwise) plus, for
-    every metric but ``l1``, a buffer of the shifted samples not yet multiplied (float32,
+    every metric but ``l1``, a buffer of the samples not yet multiplied (float32,
     ``rows x (c_T + c_S)``; :attr:`workspace_bytes`). It grows with the samples up to one block of
     ``4 c_T c_S / (c_T + c_S)`` rows clamped to 512..2048 (``_BLOCK_ROWS``): at most two
     ``c_T x c_S`` float64 matrices' worth beyond 512 rows, e.g. 32 MiB for ``c_T = c_S = 2048``
@@ -327,9 +342,12 @@ class ConsistencyStatistics:
         self.device = torch.device(device)
         self.n = 0
         self._state = self._empty_state()
-        # Samples waiting for the next block product: float32 shifted features, rows [0, _fill).
+        # Samples waiting for the next block product, rows [0, _fill): float32 features minus the
+        # block reference _ref_t / _ref_s (float64, the block's first sample).
         self._rows_t: Tensor | None = None
         self._rows_s: Tensor | None = None
+        self._ref_t = torch.zeros(c_t, dtype=torch.float64, device=self.device)
+        self._ref_s = torch.zeros(c_s, dtype=torch.float64, device=self.device)
         self._fill = 0
         # Block length: 2 c_T c_S / (c_T + c_S) * 2 rows keeps the buffer within two c_T x c_S
         # float64 matrices; 512..2048 rows make the float64 additions of the products cheap.
@@ -405,8 +423,15 @@ class ConsistencyStatistics:
         self.n += x_t.shape[0]
 
     def _add_piece(self, x_t: Tensor, x_s: Tensor) -> None:
-        """Per-channel float64 statistics of a few samples; buffer them for the block product."""
+        """Per-channel float64 statistics of a few samples; buffer them for the block product.
+
+        The buffer holds the samples minus the block reference, the block's first sample: small
+        values whatever the shift, so rounding them to float32 loses little.
+        """
         st, k = self._state, x_t.shape[0]
+        if self._fill == 0:
+            self._ref_t.copy_(x_t[0])
+            self._ref_s.copy_(x_s[0])
         a = _scratch("a", (k, self.c_t), torch.float64, self.device)
         b = _scratch("b", (k, self.c_s), torch.float64, self.device)
         a.copy_(x_t).sub_(st["shift_t"])
@@ -428,8 +453,8 @@ class ConsistencyStatistics:
                 if u:
                     st[u].add_(weights.mul_(x).sum(0))
         self._reserve(self._fill + k)
-        self._rows_t[self._fill:self._fill + k].copy_(a)
-        self._rows_s[self._fill:self._fill + k].copy_(b)
+        self._rows_t[self._fill:self._fill + k].copy_(a.copy_(x_t).sub_(self._ref_t))
+        self._rows_s[self._fill:self._fill + k].copy_(b.copy_(x_s).sub_(self._ref_s))
         self._fill += k
 
     def _reserve(self, rows: int) -> None:
@@ -447,22 +472,39 @@ class ConsistencyStatistics:
         self._rows_t, self._rows_s = grown
 
     def _flush(self) -> None:
-        """Multiply the buffered samples into the cross-product sums and empty the buffer."""
+        """Multiply the buffered samples into the matrix sums and empty the buffer.
+
+        The rows are first centred on their own mean (in float32, by the float32-rounded mean), so
+        the float32 products see only the spread within the block. With ``o = ref - shift + mean``
+        (float64) the shifted samples are exactly ``rows + o``, and the products are put back in
+        the state's shift by float64 algebra on ``o``.
+        """
         k = self._fill
         if k == 0:
             return
         st = self._state
         a, b = self._rows_t[:k], self._rows_s[:k]
+        offset_t = _recenter_(a, self._ref_t - st["shift_t"])
+        offset_s = _recenter_(b, self._ref_s - st["shift_s"])
         if self._moments:
+            # sum (a + o_t)(b + o_s)ᵀ = aᵀb + o_t (sum b + k o_s)ᵀ + (sum a) o_sᵀ; the float32
+            # rows sum to nearly, not exactly, zero.
+            sum_a, sum_b = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
             self._add_product(st["cross"], a, b)
+            st["cross"].addr_(offset_t, sum_b.add_(offset_s, alpha=k)).addr_(sum_a, offset_s)
         if "kl" in self.metrics:
             top = st["max_t"]
             _rescale_rows(st["v"], self._v_max - top)
-            # float32 weights exp(a - fl(m)) <= 1 (rounding keeps a <= fl(m)); the float64 factor
-            # exp(fl(m) - m) puts V back against the exact maxima m.
-            top32 = top.float()
-            a.sub_(top32).exp_()  # the buffer is spent: overwrite it with the weights
-            self._add_product(st["v"], a, b, row_scale=torch.exp(top32.double() - top))
+            # Weights exp(a + o_t - m): float32 exp(a - fl(m - o_t)) (about <= 1), times the
+            # float64 factor exp(fl(m - o_t) - (m - o_t)) that puts them back against the exact
+            # maxima m. Then V += sum_n w (b + o_s) = wᵀb + (sum_n w) o_sᵀ.
+            limit = top - offset_t
+            limit32 = limit.float()
+            scale = torch.exp(limit32.double() - limit)
+            a.sub_(limit32).exp_()  # the buffer is spent: overwrite it with the weights
+            weight_sums = a.sum(0, dtype=torch.float64).mul_(scale)
+            self._add_product(st["v"], a, b, row_scale=scale)
+            st["v"].addr_(weight_sums, offset_s)
             self._v_max.copy_(top)
         self._fill = 0
 

@@ -22,7 +22,7 @@ def demo_root(tmp_path_factory) -> Path:
 
 def tiny_config(demo_root: Path, results: Path, **recipe) -> dict:
     """The demo config shrunk to a few iterations on the tiny demo data."""
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["results"] = str(results)
     cfg["datasets"]["cifar100"]["root"] = str(demo_root)
     cfg["datasets"]["imagenet"]["root"] = str(demo_root / "imagenet")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +15,23 @@ from pycocotools.coco import COCO
 from torchvision.datasets import CIFAR100, CocoDetection, ImageFolder
 
 from kcd.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    DATASETS,
     DemoSizes,
+    LocalCIFAR10,
     LocalCIFAR100,
     TensorDataLoader,
     build_dataset,
+    check_num_classes,
     coco_target_to_tensors,
+    load_cifar_pickle,
     num_classes,
     write_demo_data,
 )
+from kcd.data.datasets import CIFAR_PICKLE_GLOBALS
 from kcd.data.demo import MANIFEST
 from kcd.data.loader import crop_flip
 from kcd.errors import KcdError
@@ -327,10 +335,20 @@ def test_wrong_format_roots(tmp_path, demo):
     broken.mkdir()
     for name in ("train", "test", "meta"):
         (broken / name).write_bytes(pickle.dumps([1, 2, 3]))
-    with pytest.raises(KcdError, match="does not hold CIFAR-100 python pickles"):
+    with pytest.raises(KcdError, match="cifar-100-python/meta is not a CIFAR-100 python pickle: "
+                                       "its top level is a list"):
+        build_dataset("cifar100", tmp_path, "train")
+    (broken / "meta").write_bytes((demo["cifar100"] / "cifar-100-python" / "meta").read_bytes())
+    with pytest.raises(KcdError, match="cifar-100-python/train is not a CIFAR-100 python pickle: "
+                                       "its top level is a list"):
         build_dataset("cifar100", tmp_path, "train")
     (broken / "train").write_bytes(b"not a pickle at all")
-    with pytest.raises(KcdError, match="does not hold CIFAR-100 python pickles"):
+    with pytest.raises(KcdError, match="cifar-100-python/train is not a CIFAR-100 python pickle: "
+                                       "it is truncated or damaged"):
+        build_dataset("cifar100", tmp_path, "train")
+    (broken / "train").write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.float32),
+                                                 "fine_labels": [0, 1]}))
+    with pytest.raises(KcdError, match="cifar-100-python/train .*'data' is ndarray float32"):
         build_dataset("cifar100", tmp_path, "train")
 
 
@@ -389,3 +407,263 @@ def test_eval_batches_limit_takes_every_kth_image_across_all_classes(demo_root):
     assert torch.equal(part, full[::-(-len(full) // 5)])
     # ImageFolder stores classes in order: a strided subset still sees every class
     assert set(part.tolist()) == set(full.tolist())
+
+
+# --------------------------------------------------------------------------- CIFAR-10, class counts
+
+
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory) -> Path:
+    """A tiny demo CIFAR-10 root (holding cifar-10-batches-py/)."""
+    written = write_demo_data(tmp_path_factory.mktemp("demo10"), seed=0, kinds=["cifar10"],
+                              sizes=TINY, progress=False)
+    return written["cifar10"]
+
+
+def _copy(src_root: Path, folder: str, dst_root: Path) -> Path:
+    """A private copy of ``src_root/folder`` under ``dst_root``; returns ``dst_root/folder``."""
+    shutil.copytree(src_root / folder, dst_root / folder)
+    return dst_root / folder
+
+
+def test_default_demo_kinds_do_not_include_cifar10(demo):
+    assert set(demo) == {"cifar100", "imagenet", "coco"}
+    assert not (demo["cifar100"] / "cifar-10-batches-py").exists()
+
+
+def test_cifar10_demo_has_the_cifar10_layout(cifar10_root):
+    folder = cifar10_root / "cifar-10-batches-py"
+    batches = [f"data_batch_{i}" for i in range(1, 6)]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [*batches, "test_batch", "batches.meta", MANIFEST]
+    )
+    counts = np.zeros(10, dtype=int)
+    for name in batches:
+        with open(folder / name, "rb") as f:  # as the CIFAR web page reads it
+            raw = pickle.load(f, encoding="bytes")
+        assert set(raw) == {b"batch_label", b"labels", b"data", b"filenames"}
+        assert raw[b"data"].dtype == np.uint8 and raw[b"data"].shape == (10, 3072)
+        counts += np.bincount(raw[b"labels"], minlength=10)
+    assert counts.tolist() == [TINY.cifar10_train_per_class] * 10
+    with open(folder / "batches.meta", "rb") as f:
+        meta = pickle.load(f, encoding="latin1")
+    assert len(meta["label_names"]) == 10 and meta["num_vis"] == 3072
+
+
+def test_cifar10_demo_is_what_torchvision_reads(cifar10_root, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    # torchvision's own reading code, with only its md5 comparison switched off
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+    for train in (True, False):
+        ours = LocalCIFAR10(str(cifar10_root), train=train)
+        theirs = tv_cifar.CIFAR10(str(cifar10_root), train=train)
+        assert np.array_equal(ours.data, theirs.data) and ours.targets == theirs.targets
+        assert ours.classes == theirs.classes and len(ours.classes) == 10
+    image, label = ours[0]
+    assert image.size == (32, 32) and image.mode == "RGB" and 0 <= label < 10
+
+
+def test_cifar10_through_the_registry_and_both_loaders(cifar10_root):
+    from kcd.data.streams import SampleStream, eval_batches, train_stream
+    from kcd.specs import DataSpec
+
+    assert "cifar10" in DATASETS
+    train = build_dataset("cifar10", cifar10_root, "train")
+    test = build_dataset("cifar10", cifar10_root, "val")
+    assert isinstance(train, LocalCIFAR10) and len(train) == 10 * TINY.cifar10_train_per_class
+    assert len(test) == 10 * TINY.cifar10_test_per_class
+    x, y = test[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
+    assert num_classes("cifar10", cifar10_root) == 10
+    assert check_num_classes("cifar10", cifar10_root, 10) == 10
+
+    fast = DataSpec(name="cifar10", root=str(cifar10_root), fast_loader=True)
+    slow = DataSpec(name="cifar10", root=str(cifar10_root), fast_loader=False)
+    fast_stream, slow_stream = train_stream(fast, 8, seed=1), train_stream(slow, 8, seed=1)
+    assert isinstance(fast_stream, TensorDataLoader) and isinstance(slow_stream, SampleStream)
+    for stream in (fast_stream, slow_stream):
+        xb, yb = next(stream.iterate_forever())
+        assert xb.shape == (8, 3, 32, 32) and xb.dtype == torch.float32
+        assert yb.dtype == torch.int64 and bool(((yb >= 0) & (yb < 10)).all())
+    fast_eval, slow_eval = list(eval_batches(fast, 7)), list(eval_batches(slow, 7))
+    assert isinstance(eval_batches(fast, 7), TensorDataLoader)
+    assert len(fast_eval) == len(slow_eval)
+    for (xf, yf), (xs, ys) in zip(fast_eval, slow_eval):
+        # the fast path normalises with CIFAR-10's constants, exactly as the standard transform
+        assert torch.equal(xf, xs) and torch.equal(yf, ys)
+    normalize = test.transform.transforms[-1]
+    assert (normalize.mean, normalize.std) == (CIFAR10_MEAN, CIFAR10_STD)
+
+
+def test_cifar10_missing_file(tmp_path, cifar10_root):
+    folder = _copy(cifar10_root, "cifar-10-batches-py", tmp_path)
+    (folder / "data_batch_4").unlink()
+    with pytest.raises(KcdError, match="not a CIFAR-10 root: .*data_batch_4 is missing.*"
+                                       "datasets.cifar10.root"):
+        build_dataset("cifar10", tmp_path, "train")
+
+
+def _rewrite_cifar100_with_20_classes(root: Path, demo_root: Path, labels_mod: int = 20) -> Path:
+    """A CIFAR-100-format folder whose meta lists 20 classes (labels taken modulo ``labels_mod``)."""
+    from kcd.data.demo import _dump_python2
+
+    folder = _copy(demo_root, "cifar-100-python", root)
+    for split in ("train", "test"):
+        with open(folder / split, "rb") as f:
+            raw = pickle.load(f, encoding="bytes")
+        raw[b"fine_labels"] = [y % labels_mod for y in raw[b"fine_labels"]]
+        _dump_python2(raw, folder / split)
+    _dump_python2({b"fine_label_names": [f"c{i}".encode() for i in range(20)],
+                   b"coarse_label_names": [b"all"]}, folder / "meta")
+    return folder
+
+
+def test_cifar100_format_class_count_comes_from_meta(tmp_path, demo):
+    _rewrite_cifar100_with_20_classes(tmp_path, demo["cifar100"])
+    train = build_dataset("cifar100", tmp_path, "train")
+    assert len(train.classes) == 20 and max(train.targets) == 19
+    assert len(train) == 100 * TINY.cifar_train_per_class
+    assert num_classes("cifar100", tmp_path) == 20
+    assert check_num_classes("cifar100", tmp_path, 20) == 20
+    from kcd.data.streams import train_stream
+    from kcd.specs import DataSpec
+
+    xb, yb = next(train_stream(DataSpec(name="cifar100", root=str(tmp_path)), 16).iterate_forever())
+    assert xb.shape == (16, 3, 32, 32) and int(yb.max()) < 20
+
+
+def test_label_outside_the_meta_classes_names_the_file(tmp_path, demo):
+    _rewrite_cifar100_with_20_classes(tmp_path, demo["cifar100"], labels_mod=100)
+    with pytest.raises(KcdError, match=r"cifar-100-python/test is not a CIFAR-100 python pickle: "
+                                       r"it has label \d+, outside 0\.\.19 for the 20 classes"):
+        build_dataset("cifar100", tmp_path, "test")
+
+
+def test_num_classes_mismatch_names_the_config_key(tmp_path, demo, cifar10_root):
+    with pytest.raises(KcdError) as e:
+        check_num_classes("cifar10", cifar10_root, 100)
+    meta = cifar10_root / "cifar-10-batches-py" / "batches.meta"
+    assert str(e.value) == (f"config key datasets.cifar10.num_classes is 100 but {meta} lists 10 "
+                            "classes; set it to 10")
+    _rewrite_cifar100_with_20_classes(tmp_path, demo["cifar100"])
+    with pytest.raises(KcdError, match=r"^config key datasets\.cifar100\.num_classes is 100 but "
+                                       r".*cifar-100-python/meta lists 20 classes; set it to 20$"):
+        check_num_classes("cifar100", tmp_path, 100)
+    assert check_num_classes("cifar100", demo["cifar100"], 100) == 100
+    with pytest.raises(KcdError, match=r"datasets\.imagenet\.num_classes is 10 but .*/train has "
+                                       f"{TINY.imagenet_classes} class folders; set it to "
+                                       f"{TINY.imagenet_classes}$"):
+        check_num_classes("imagenet", demo["imagenet"], 10)
+    coco_classes = TINY.coco_categories + 1
+    assert check_num_classes("coco", demo["coco"], coco_classes) == coco_classes
+    with pytest.raises(KcdError, match=rf"datasets\.coco\.num_classes is 91 .*set it to {coco_classes}$"):
+        check_num_classes("coco", demo["coco"], 91)
+    with pytest.raises(KcdError, match="does not exist.*datasets.cifar10.root"):
+        check_num_classes("cifar10", tmp_path / "nope", 10)
+    with pytest.raises(KcdError, match="not a CIFAR-10 root: .*batches.meta is missing"):
+        check_num_classes("cifar10", tmp_path, 10)
+
+
+class _RunsShell:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _RunsPython:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+CIFAR_FILES = [  # (dataset, folder, file, the split that reads it)
+    ("cifar10", "cifar-10-batches-py", "batches.meta", "test"),
+    ("cifar10", "cifar-10-batches-py", "data_batch_3", "train"),
+    ("cifar10", "cifar-10-batches-py", "test_batch", "test"),
+    ("cifar100", "cifar-100-python", "meta", "test"),
+    ("cifar100", "cifar-100-python", "train", "train"),
+    ("cifar100", "cifar-100-python", "test", "test"),
+]
+
+
+@pytest.mark.parametrize("payload", [_RunsShell, _RunsPython])
+@pytest.mark.parametrize("dataset, folder, name, split", CIFAR_FILES)
+def test_code_in_a_cifar_pickle_is_never_run(tmp_path, demo, cifar10_root, payload, dataset,
+                                             folder, name, split):
+    source = cifar10_root if dataset == "cifar10" else demo["cifar100"]
+    root = tmp_path / "root"
+    copy = _copy(source, folder, root)
+    marker = tmp_path / "marker"
+    evil = {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "label_names": ["a"],
+            "fine_labels": [0], "fine_label_names": ["a"], "x": payload(marker)}
+    (copy / name).write_bytes(pickle.dumps(evil, protocol=2))
+    # protocol 2 writes Python 2 module names: exec is __builtin__.exec
+    called = f"{os.system.__module__}.system" if payload is _RunsShell else "__builtin__.exec"
+    reads = [lambda: build_dataset(dataset, root, split)]
+    if name in ("meta", "batches.meta"):  # the class count reads only the metadata file
+        reads.append(lambda: check_num_classes(dataset, root, 10))
+    for read in reads:
+        with pytest.raises(KcdError) as e:
+            read()
+        message = str(e.value)
+        assert message.startswith(f"{copy / name} is not a ") and f"refers to {called}" in message
+        assert "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("dataset, folder, name, split", CIFAR_FILES)
+def test_truncated_cifar_pickle_is_one_line_error_naming_the_file(tmp_path, demo, cifar10_root,
+                                                                  dataset, folder, name, split):
+    source = cifar10_root if dataset == "cifar10" else demo["cifar100"]
+    copy = _copy(source, folder, tmp_path)
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(KcdError) as e:
+        build_dataset(dataset, tmp_path, split)
+    message = str(e.value)
+    assert message.startswith(f"{copy / name} is not a CIFAR-1")
+    assert "truncated or damaged" in message and "\n" not in message
+
+
+def test_cifar_files_resaved_by_python3_or_written_by_numpy1_are_read(tmp_path, cifar10_root):
+    folder = _copy(cifar10_root, "cifar-10-batches-py", tmp_path)
+    with open(folder / "test_batch", "rb") as f:
+        entry = pickle.load(f, encoding="bytes")
+    expected = LocalCIFAR10(str(cifar10_root), train=False)
+    # Python 3, default protocol: str keys, numpy labels (numpy._core.numeric._frombuffer, scalar)
+    resaved = {"data": entry[b"data"], "labels": np.asarray(entry[b"labels"], dtype=np.int64)}
+    (folder / "test_batch").write_bytes(pickle.dumps(resaved))
+    again = LocalCIFAR10(str(tmp_path), train=False)
+    assert np.array_equal(again.data, expected.data) and again.targets == expected.targets
+    # protocol 2 under Python 3 (_codecs.encode), referring to numpy 1's module names as the
+    # official files do
+    old = pickle.dumps({"data": entry[b"data"], "labels": entry[b"labels"]}, protocol=2)
+    old = old.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray\n_reconstruct" in old and b"_codecs\nencode" in old
+    (folder / "test_batch").write_bytes(old)
+    again = LocalCIFAR10(str(tmp_path), train=False)
+    assert np.array_equal(again.data, expected.data) and again.targets == expected.targets
+
+
+def test_cifar_unpickler_allows_only_data(tmp_path):
+    allowed = {f"{module}.{name}" for module, name in CIFAR_PICKLE_GLOBALS}
+    assert "numpy.core.multiarray._reconstruct" in allowed
+    assert "numpy._core.multiarray._reconstruct" in allowed
+    assert {"numpy.ndarray", "numpy.dtype", "builtins.dict", "builtins.list"} <= allowed
+    for dangerous in ("builtins.eval", "builtins.exec", "builtins.getattr", "builtins.__import__",
+                      "posix.system", "os.system", "subprocess.Popen", "copyreg._reconstructor",
+                      "numpy.load", "_codecs.lookup"):
+        assert dangerous not in allowed
+    crafted = tmp_path / "crafted"
+    # _codecs.encode("a", "zlib"): only the latin-1 text encoding of Python 3 protocol-2 pickles
+    crafted.write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.")
+    with pytest.raises(KcdError, match="crafted is not a CIFAR python pickle: .*_codecs.encode with "
+                                       "encoding 'zlib'"):
+        load_cifar_pickle(crafted)
+    crafted.write_bytes(pickle.dumps({"data": 1}, protocol=2))
+    assert load_cifar_pickle(crafted) == {"data": 1}

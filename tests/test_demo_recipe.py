@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_teacher_beats_student_on_demo_data(tmp_path):
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     write_demo_data(tmp_path / "demo", kinds=("cifar100",), sizes=DemoSizes(), progress=False)
     cfg["datasets"]["cifar100"]["root"] = str(tmp_path / "demo")
     validate_config(cfg)

@@ -331,7 +331,7 @@ def _dag_config(kind: str, **recipe) -> dict:
 
 def _workdir(folder: Path, cfg: dict) -> Path:
     (folder / "config").mkdir(parents=True)
-    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
     return folder
 
 

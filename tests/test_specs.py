@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def spec() -> dict:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     validate_config(cfg)
     return to_dict(train_spec(cfg, dataset="cifar100", arch="resnet20", seed=0, theta0="t.pt",
                               out_dir="run", method="kd", teacher="resnet56",

@@ -174,7 +174,7 @@ def test_a_missing_result_names_the_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo_cfg():
-    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
 
 
 @pytest.mark.parametrize("path, value, message", [
@@ -195,7 +195,7 @@ def test_bad_ablation_config_names_the_key(demo_cfg, path, value, message):
 def test_the_shipped_configs_validate():
     from kcd.config import load_config
 
-    for name in ("config.yaml", "paper.yaml"):
+    for name in ("demo.yaml", "paper.yaml"):
         load_config([str(REPO / "config" / name)], [])
 
 

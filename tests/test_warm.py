@@ -107,7 +107,7 @@ def _long_pretrain(worker, tmp_path) -> subprocess.Popen:
             "theta0.pt", "-q"]
     assert subprocess.run([*LAUNCH, "--", *args], cwd=tmp_path, env=_env(worker.path),
                           timeout=120).returncode == 0
-    cmd = [*LAUNCH, "--", "pretrain", "--config", str(REPO / "config" / "config.yaml"),
+    cmd = [*LAUNCH, "--", "pretrain", "--config", str(REPO / "config" / "demo.yaml"),
            "--dataset", "cifar100", "--arch", "resnet20_0.5x", "--seed", "0", "--theta0",
            "theta0.pt", "--out", "run", "--no-track"]
     for s in sets:
@@ -209,7 +209,7 @@ def test_stopping_snakemake_stops_its_warm_jobs_and_worker(tmp_path, how):
     cfg["recipes"]["cifar100"]["default"].update(iterations=1_000_000, milestones=[500_000],
                                                  checkpoint_every=100_000, log_every=100_000)
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
     target = "results/cifar100/models/resnet20-s0/final.pt"
     env = _env(None)
     env.pop("MLFLOW_TRACKING_URI", None)

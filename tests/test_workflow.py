@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _config() -> dict:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     cfg["demo_data"]["size"] = "tiny"
     cfg["datasets"] = {"cifar100": cfg["datasets"]["cifar100"]}
     r = {"iterations": 4, "batch_size": 16, "lr": 0.05, "milestones": [3], "checkpoint_every": 2,
@@ -45,7 +45,7 @@ def _snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Comp
 def built(tmp_path_factory):
     work = tmp_path_factory.mktemp("dag")
     (work / "config").mkdir()
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    (work / "config" / "demo.yaml").write_text(yaml.safe_dump(_config()))
     run = _snakemake(work, "results/tables.md")
     assert run.returncode == 0, run.stderr[-4000:]
     return work
@@ -101,7 +101,7 @@ def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(buil
     again = _snakemake(built, "results/tables.md", "-n")
     assert again.returncode == 0
     assert "Nothing to be done" in again.stdout + again.stderr
-    cfg = yaml.safe_load((built / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((built / "config" / "demo.yaml").read_text())
     cfg["methods"]["fitnets"]["weight"] = 50
     changed = built / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
@@ -115,7 +115,7 @@ def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(buil
 
 
 def test_run_time_fields_rerun_nothing_and_still_reach_the_job(built):
-    cfg = yaml.safe_load((built / "config" / "config.yaml").read_text())
+    cfg = yaml.safe_load((built / "config" / "demo.yaml").read_text())
     cfg["recipes"]["cifar100"]["default"].update(log_every=1, checkpoint_every=3,
                                                  eval_batch_size=64)
     cfg["datasets"]["cifar100"]["workers"] = 1
@@ -134,7 +134,7 @@ def test_run_time_fields_rerun_nothing_and_still_reach_the_job(built):
 
 def test_warm_worker_can_be_switched_off_from_the_command_line(tmp_path):
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(_config()))
     run = _snakemake(tmp_path, "results/tables.md", "-n", "--config",
                      "launcher={kind: local, warm: false}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -144,7 +144,7 @@ def test_bad_config_fails_before_any_job(tmp_path):
     cfg = _config()
     cfg["recipes"]["cifar100"]["default"]["lr"] = -1
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
     run = _snakemake(tmp_path, "results/tables.md", "-n")
     assert run.returncode != 0
     assert "config key recipes.cifar100.default.lr" in run.stdout + run.stderr
@@ -154,7 +154,7 @@ def test_bad_config_fails_before_any_job(tmp_path):
 def test_results_folder_keeps_one_scale(built, tmp_path):
     assert (built / "results" / ".kcd-scale").read_text() == "demo\n"
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(_config()))
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(_config()))
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / ".kcd-scale").write_text("paper\n")
     run = _snakemake(tmp_path, "results/tables.md", "-n")
@@ -171,7 +171,7 @@ def test_killed_run_resumes_from_its_checkpoint_after_rerun_incomplete(tmp_path)
     cfg = _config()
     cfg["recipes"]["cifar100"]["default"].update(iterations=60, checkpoint_every=4)
     (tmp_path / "config").mkdir()
-    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
     target = "results/cifar100/models/resnet20_0.5x-s0/result.json"
     run_dir = tmp_path / "results/cifar100/models/resnet20_0.5x-s0"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -45,7 +45,7 @@ def _ablation_config() -> dict:
 def built(tmp_path_factory):
     work = tmp_path_factory.mktemp("ablations")
     (work / "config").mkdir()
-    (work / "config" / "config.yaml").write_text(yaml.safe_dump(_ablation_config()))
+    (work / "config" / "demo.yaml").write_text(yaml.safe_dump(_ablation_config()))
     dry = _snakemake(work, "results/tables.md", "-n", "--quiet", "rules")
     assert dry.returncode == 0, dry.stderr[-4000:]
     run = _snakemake(work, "results/tables.md")

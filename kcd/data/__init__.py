@@ -1,31 +1,45 @@
 """Data: the paper's datasets from local folders, synthetic demo data, and a fast tensor loader."""
 from kcd.data.datasets import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
     CIFAR100_MEAN,
     CIFAR100_STD,
+    CIFAR_READERS,
     DATASETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     CheckedCocoDetection,
+    CIFARUnpickler,
+    LocalCIFAR10,
     LocalCIFAR100,
     build_dataset,
+    check_num_classes,
     coco_target_to_tensors,
+    load_cifar_pickle,
     num_classes,
 )
 from kcd.data.demo import DemoSizes, write_demo_data
 from kcd.data.loader import TensorDataLoader
 
 __all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "CIFAR_READERS",
+    "CIFARUnpickler",
     "DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CheckedCocoDetection",
     "DemoSizes",
+    "LocalCIFAR10",
     "LocalCIFAR100",
     "TensorDataLoader",
     "build_dataset",
+    "check_num_classes",
     "coco_target_to_tensors",
+    "load_cifar_pickle",
     "num_classes",
     "write_demo_data",
 ]

@@ -1,7 +1,7 @@
 """Synthetic, learnable demo data written in the real on-disk formats.
 
 :func:`write_demo_data` writes three small datasets under one root so that the pipeline runs end to
-end without downloading anything:
+end without downloading anything (a fourth, ``cifar10``, is written only when asked for):
 
 ``cifar100``
     ``root/cifar-100-python/{train,test,meta}``: pickles in the exact CIFAR-100 python layout (dicts
@@ -14,6 +14,11 @@ end without downloading anything:
     ``root/coco/{train2017,val2017}/<12-digit id>.jpg`` and
     ``root/coco/annotations/instances_{train2017,val2017}.json``: simple filled shapes on a noisy
     background with tight boxes, in the COCO detection format.
+``cifar10`` (not written by default)
+    ``root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}``: pickles in the exact
+    CIFAR-10 python layout (Python 2 strings, ``labels``, ``label_names``), read by torchvision's
+    ``CIFAR10`` through :class:`kcd.data.datasets.LocalCIFAR10`. 10 classes in 5 pairs, 32x32 RGB;
+    the training images are split over the five batches.
 
 Classification images follow one recipe: each superclass owns a smooth random colour pattern, each
 class adds its own smooth deviation, and every sample is a random crop of its class pattern
@@ -50,11 +55,15 @@ from tqdm import tqdm
 
 from kcd.errors import KcdError
 
-KINDS = ("cifar100", "imagenet", "coco")
+KINDS = ("cifar100", "imagenet", "coco")  # written by default
+ALL_KINDS = (*KINDS, "cifar10")  # also written on request
 MANIFEST = ".kcd-demo.json"
 FORMAT_VERSION = 1
 
 CIFAR_DIR = "cifar-100-python"
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_CLASSES = 10
+CIFAR10_TRAIN_BATCHES = 5
 CIFAR_FINE_CLASSES = 100
 CIFAR_COARSE_CLASSES = 20
 CIFAR_SIZE = 32
@@ -88,6 +97,8 @@ class DemoSizes:
     coco_train_images: int = 200
     coco_val_images: int = 50
     coco_image_size: int = 64  # the demo detectors (kcd.detection) run at this size
+    cifar10_train_per_class: int = 100
+    cifar10_test_per_class: int = 20
 
     @classmethod
     def tiny(cls) -> "DemoSizes":
@@ -103,6 +114,8 @@ class DemoSizes:
             coco_train_images=8,
             coco_val_images=4,
             coco_image_size=64,
+            cifar10_train_per_class=5,
+            cifar10_test_per_class=3,
         )
 
     def validate(self) -> None:
@@ -123,7 +136,7 @@ class DemoSizes:
 
     def for_kind(self, kind: str) -> dict[str, int]:
         """The sizes that shape one dataset (recorded in its manifest)."""
-        prefix = "cifar_" if kind == "cifar100" else f"{kind}_"
+        prefix = "cifar_" if kind == "cifar100" else f"{kind}_"  # cifar10: "cifar10_"
         return {k: v for k, v in dataclasses.asdict(self).items() if k.startswith(prefix)}
 
 
@@ -137,14 +150,15 @@ def write_demo_data(
     """Write the demo datasets ``kinds`` under ``root``; return each one's dataset root.
 
     The returned paths are what :func:`kcd.data.datasets.build_dataset` takes as ``root``:
-    ``root`` itself for ``cifar100`` (torchvision looks for ``cifar-100-python/`` inside it),
-    ``root/imagenet`` and ``root/coco`` for the others. A dataset already written with the same
-    seed and sizes is left as it is.
+    ``root`` itself for ``cifar100`` and ``cifar10`` (torchvision looks for ``cifar-100-python/``
+    and ``cifar-10-batches-py/`` inside it), ``root/imagenet`` and ``root/coco`` for the others.
+    ``kinds`` defaults to :data:`KINDS`; ``cifar10`` is also known (:data:`ALL_KINDS`). A dataset
+    already written with the same seed and sizes is left as it is.
     """
     kinds = tuple(kinds)
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown:
-        raise KcdError(f"unknown demo dataset {', '.join(unknown)}; known: {', '.join(KINDS)}")
+        raise KcdError(f"unknown demo dataset {', '.join(unknown)}; known: {', '.join(ALL_KINDS)}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise KcdError(f"demo seed {seed!r} must be a non-negative integer")
     sizes.validate()
@@ -154,13 +168,14 @@ def write_demo_data(
         "cifar100": (CIFAR_DIR, _write_cifar100),
         "imagenet": ("imagenet", _write_imagenet),
         "coco": ("coco", _write_coco),
+        "cifar10": (CIFAR10_DIR, _write_cifar10),
     }
     written: dict[str, Path] = {}
     for kind in kinds:
         folder, writer = writers[kind]
         manifest = {"kind": kind, "seed": seed, "sizes": sizes.for_kind(kind), "version": FORMAT_VERSION}
         _write_atomically(root / folder, manifest, lambda out: writer(out, seed, sizes, progress))
-        written[kind] = root if kind == "cifar100" else root / folder
+        written[kind] = root if kind in ("cifar100", "cifar10") else root / folder
     return written
 
 
@@ -350,6 +365,55 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
             b"coarse_label_names": [n.encode() for n in coarse_names],
         },
         out / "meta",
+    )
+
+
+# --------------------------------------------------------------------------- cifar10
+
+
+def _write_cifar10(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> None:
+    """Write ``data_batch_1..5``, ``test_batch`` and ``batches.meta`` in the CIFAR-10 python
+    layout into ``out``; the shuffled training images are split evenly over the five batches."""
+    rng = _rng(seed, "cifar10", "classes")
+    superclass_of = rng.permutation(np.repeat(np.arange(CIFAR10_CLASSES // 2), 2))
+    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + round(CANVAS_MARGIN * CIFAR_SIZE))
+    names = [f"class_{i}" for i in range(CIFAR10_CLASSES)]
+    splits = (("train", sizes.cifar10_train_per_class), ("test", sizes.cifar10_test_per_class))
+    total = CIFAR10_CLASSES * (sizes.cifar10_train_per_class + sizes.cifar10_test_per_class)
+    with tqdm(total=total, desc="demo cifar10", unit="img", disable=not progress) as bar:
+        for split, per_class in splits:
+            split_rng = _rng(seed, "cifar10", split)
+            labels = _balanced_labels(split_rng, CIFAR10_CLASSES, per_class)
+            chunks = []
+            for images in _render(split_rng, patterns, labels, CIFAR_SIZE):
+                chunks.append(images.transpose(0, 3, 1, 2).reshape(len(images), -1))  # R, G, B planes
+                bar.update(len(images))
+            data = np.concatenate(chunks)
+            files = [f"{names[y]}_s_{i:06d}.png".encode() for i, y in enumerate(labels)]
+            if split == "train":
+                parts = np.array_split(np.arange(len(labels)), CIFAR10_TRAIN_BATCHES)
+                batches = [(f"data_batch_{b + 1}", f"training batch {b + 1} of 5", part)
+                           for b, part in enumerate(parts)]
+            else:
+                batches = [("test_batch", "testing batch 1 of 1", np.arange(len(labels)))]
+            for filename, batch_label, index in batches:
+                _dump_python2(
+                    {
+                        b"batch_label": batch_label.encode(),
+                        b"labels": labels[index].tolist(),
+                        b"data": data[index],
+                        b"filenames": [files[i] for i in index],
+                    },
+                    out / filename,
+                )
+    _dump_python2(
+        {
+            b"num_cases_per_batch": -(-CIFAR10_CLASSES * sizes.cifar10_train_per_class
+                                      // CIFAR10_TRAIN_BATCHES),
+            b"label_names": [n.encode() for n in names],
+            b"num_vis": 3 * CIFAR_SIZE * CIFAR_SIZE,
+        },
+        out / "batches.meta",
     )
 
 

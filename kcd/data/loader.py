@@ -120,8 +120,14 @@ class TensorDataLoader:
     @classmethod
     def from_cifar(cls, dataset: Any, **kwargs: Any) -> "TensorDataLoader":
         """Build from a torchvision ``CIFAR10``/``CIFAR100`` object (its ``.data`` HWC uint8 array
-        and ``.targets``); its own transform is not used. ``kwargs`` go to the constructor."""
+        and ``.targets``); its own transform is not used. ``kwargs`` go to the constructor.
+
+        ``mean``/``std`` default to the dataset's own (``LocalCIFAR10``/``LocalCIFAR100`` carry
+        them, so batches match its standard transform), else to CIFAR-100's."""
         images = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous()
+        for key in ("mean", "std"):
+            if isinstance(getattr(dataset, key, None), tuple):
+                kwargs.setdefault(key, getattr(dataset, key))
         return cls(images, dataset.targets, **kwargs)
 
     def __len__(self) -> int:

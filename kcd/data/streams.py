@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from kcd.data.datasets import build_dataset
+from kcd.data.datasets import CIFAR_READERS, build_dataset
 from kcd.data.loader import TensorDataLoader
 from kcd.errors import KcdError
 from kcd.specs import DataSpec
@@ -110,7 +110,7 @@ class SampleStream:
 def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False):
     """The training stream of ``data``: the fast path when possible, else :class:`SampleStream`."""
-    if data.fast_loader and data.name == "cifar100":
+    if data.fast_loader and data.name in CIFAR_READERS:
         dataset = build_dataset(data.name, data.root, "train", train_transform=False,
                                 download=data.download)
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=True,
@@ -137,7 +137,7 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
     if limit is not None and limit < len(dataset):
         stride = -(-len(dataset) // limit)
         dataset = Subset(dataset, range(0, len(dataset), stride))
-    if data.fast_loader and data.name == "cifar100" and not isinstance(dataset, Subset):
+    if data.fast_loader and data.name in CIFAR_READERS and not isinstance(dataset, Subset):
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=False,
                                            augment=False, drop_last=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.workers)

@@ -5,6 +5,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import yaml
+
 from snakemake.exceptions import WorkflowError
 
 from kcd.config import (
@@ -18,8 +20,9 @@ from kcd.config import (
     num_classes,
     statistics_spec,
     train_spec,
-    validate_config,
+    resolve_config,
 )
+from kcd.dryrun import RESOLVED_CONFIG_ENV
 from kcd.errors import KcdError
 from kcd import warm
 from kcd.launch import cancel_jobs_on_sigterm
@@ -36,22 +39,21 @@ from kcd.tables import (
 )
 from kcd.tracking import ensure_store, tracking_uri
 
-# `--config seeds=[0,1,2]` arrives as strings; seeds are integers.
-for _key in ("seeds",):
-    if isinstance(config.get(_key), list):
-        config[_key] = [int(v) if isinstance(v, str) and v.isdigit() else v for v in config[_key]]
-# `--config 'launcher={kind: local, warm: false}'` arrives with "false" as a string.
-if isinstance(config.get("launcher"), dict) and config["launcher"].get("warm") in ("true", "false"):
-    config["launcher"]["warm"] = config["launcher"]["warm"] == "true"
-
+# The config is one scale's values plus the user's layers (kcd.config.resolve_config): the
+# Snakefile names no configfile, so Snakemake's config holds only what the command line gave.
 try:
-    validate_config(config)
-    check_results_scale(config["results"], config.get("scale", "demo"))
+    _resolved = resolve_config(workflow.config_settings.configfiles,
+                               workflow.config_settings.config)
+    check_results_scale(_resolved["results"], _resolved["scale"])
 except KcdError as e:
     raise WorkflowError(f"invalid config: {e}")
+config.clear()
+config.update(_resolved)
+if os.environ.get(RESOLVED_CONFIG_ENV):  # `kcd config show` asks for the config it resolved
+    Path(os.environ[RESOLVED_CONFIG_ENV]).write_text(yaml.safe_dump(config, sort_keys=False))
 
 RESULTS = config["results"]
-SCALE = config.get("scale", "demo")
+SCALE = config["scale"]
 LOGS = f"{RESULTS}/logs"
 PY = sys.executable
 KCD = f"{shlex.quote(PY)} -m kcd.warm run --"  # light rules: `kcd ...`, warm when it can
