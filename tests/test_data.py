@@ -505,7 +505,7 @@ def test_cifar10_missing_file(tmp_path, cifar10_root):
 
 
 def _rewrite_cifar100_with_20_classes(root: Path, demo_root: Path, labels_mod: int = 20) -> Path:
-    """A CIFAR-100-format folder whose meta lists 20 classes (labels taken modulo ``labels_mod``)."""
+    """A CIFAR-100-format folder whose meta lists 20 classes (labels modulo ``labels_mod``)."""
     from kcd.data.demo import _dump_python2
 
     folder = _copy(demo_root, "cifar-100-python", root)
@@ -557,7 +557,8 @@ def test_num_classes_mismatch_names_the_config_key(tmp_path, demo, cifar10_root)
         check_num_classes("imagenet", demo["imagenet"], 10)
     coco_classes = TINY.coco_categories + 1
     assert check_num_classes("coco", demo["coco"], coco_classes) == coco_classes
-    with pytest.raises(KcdError, match=rf"datasets\.coco\.num_classes is 91 .*set it to {coco_classes}$"):
+    with pytest.raises(KcdError,
+                       match=rf"datasets\.coco\.num_classes is 91 .*set it to {coco_classes}$"):
         check_num_classes("coco", demo["coco"], 91)
     with pytest.raises(KcdError, match="does not exist.*datasets.cifar10.root"):
         check_num_classes("cifar10", tmp_path / "nope", 10)

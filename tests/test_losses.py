@@ -165,10 +165,17 @@ def test_rkd_with_transform_adds_kcd_l2_term():
     perm = Permute([4, 0, 2], c_t=6)
     terms = build_loss("rkd", [3], [6], transforms=[perm])(batch([s], [t]))
     t_view = np_(t)[:, [4, 0, 2]]
-    distance, angle = manual_rkd(np_(s), t_view)
+    # RKD's own relations see the original teacher (all 6 channels), as RKD alone does;
+    # only the added L2 term ("another loss ... on transformed feature maps") sees T(F^T)
+    distance, angle = manual_rkd(np_(s), np_(t))
     assert terms["rkd_distance"].item() == pytest.approx(10 * distance, rel=1e-9)
     assert terms["rkd_angle"].item() == pytest.approx(20 * angle, rel=1e-9)
     assert terms["rkd_kcd_l2"].item() == pytest.approx(100 * mse(np_(s), t_view), rel=1e-9)
+    plain = build_loss("rkd", [3], [6])(batch([s], [t]))
+    assert terms["rkd_distance"].item() == pytest.approx(plain["rkd_distance"].item(), rel=1e-12)
+    assert terms["rkd_angle"].item() == pytest.approx(plain["rkd_angle"].item(), rel=1e-12)
+    subset_distance, _ = manual_rkd(np_(s), t_view)
+    assert subset_distance != pytest.approx(distance, rel=1e-3)  # the subset would differ
 
 
 def manual_ab(c: np.ndarray, t: np.ndarray, m: float) -> float:
@@ -186,6 +193,16 @@ def test_ab_margin_loss_matches_masks(margin):
     b = batch([s], [t])
     assert loss(b)["ab"].item() == pytest.approx(10 * expected, rel=1e-9)
     assert loss.initialization_loss(b)["ab_init"].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_ab_after_its_initialisation_stage_is_an_option():
+    s, t = rand(B, 3, 4, 4, seed=1), rand(B, 6, 4, 4, seed=2)
+    b = batch([s], [t])
+    kept = build_loss("ab", [3], [6]).double()
+    assert kept.throughout and set(kept(b)) == {"ab"}  # default: the weighted term stays
+    init_only = build_loss("ab", [3], [6], throughout=False).double()
+    assert init_only(b) == {}  # the AB authors' code: AB in the initialisation stage only
+    assert init_only.initialization_loss(b)["ab_init"].item() > 0
 
 
 def test_l2_is_weighted_mse_summed_over_pairs():

@@ -80,7 +80,8 @@ def test_every_ablation_row_finds_its_number_in_the_paper(number):
 
 def test_ablation_rows_encode_the_paper_settings():
     t1 = {r.label: r for r in ablation_rows(1, KCD, **PAPER_PARAMS)}
-    assert t1["Baseline"].method == "baseline"
+    # "standard training with distillation but without transformation" (Table 1's caption)
+    assert (t1["Baseline"].method, t1["Baseline"].transform) == ("fitnets", "none")
     assert t1["Greedy"].transform == "greedy-correlation"
     assert t1["Sub-net-Res"].transform == "subnet-res-correlation"
     t2 = {r.label: r.transform for r in ablation_rows(2, KCD, **PAPER_PARAMS)}
@@ -92,10 +93,11 @@ def test_ablation_rows_encode_the_paper_settings():
     t4 = {r.label: r.transform for r in ablation_rows(4, KCD, **PAPER_PARAMS)}
     assert t4 == {"S0/T0": KCD + "@init-st", "S0/T": KCD + "@init-s", "S/T0": KCD + "@init-t",
                   "S/T": KCD}
-    t5 = {r.label: r.transform for r in ablation_rows(5, KCD, **PAPER_PARAMS)}
-    assert t5["Dynamic"] == KCD + "+dyn"
+    t5 = {r.label: (r.method, r.transform) for r in ablation_rows(5, KCD, **PAPER_PARAMS)}
+    assert t5["Dynamic"] == ("l2", KCD + "+dyn") and t5["Baseline"] == ("fitnets", "none")
     t6 = {r.label: (r.method, r.transform) for r in ablation_rows(6, KCD, **PAPER_PARAMS)}
-    assert t6["K=0"] == ("baseline", "none") and t6["K=1"] == ("l2", KCD)
+    # "K = 0 ... is the common knowledge distillation with L_2 loss" (Table 6's caption)
+    assert t6["K=0"] == ("fitnets", "none") and t6["K=1"] == ("l2", KCD)
     assert t6["K=100"] == ("l2", KCD + "-k100")
 
 

@@ -154,7 +154,10 @@ def _numpy_helpers() -> dict[tuple[str, str], Any]:
         from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 1.26 has no numpy._core
         from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
     for package in ("numpy.core", "numpy._core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
         allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
@@ -248,8 +251,8 @@ def _layout_error(path: str | os.PathLike, what: str, problem: str) -> KcdError:
 
 
 def read_cifar_meta(path: str | os.PathLike, key: str, what: str = "CIFAR") -> list[str]:
-    """The class names listed under ``key`` in the CIFAR metadata file ``path``
-    (``label_names`` in CIFAR-10's ``batches.meta``, ``fine_label_names`` in CIFAR-100's ``meta``)."""
+    """The class names listed under ``key`` in the CIFAR metadata file ``path``: ``label_names``
+    in CIFAR-10's ``batches.meta``, ``fine_label_names`` in CIFAR-100's ``meta``."""
     meta = _as_dict(load_cifar_pickle(path, what), path, what)
     names = meta.get(key)
     if not isinstance(names, (list, tuple)) or not names:
@@ -275,11 +278,13 @@ def read_cifar_batch(
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or (
         data.shape[1] != 3 * 32 * 32
     ):
-        shape = getattr(data, "shape", None)
-        raise _layout_error(
-            path, what, f"'data' is {type(data).__name__} {getattr(data, 'dtype', '')} "
-            f"{tuple(shape) if shape is not None else ''}, not uint8 N x 3072".replace("  ", " ")
+        found = (
+            f"{type(data).__name__} {data.dtype} {tuple(data.shape)}"
+            if isinstance(data, np.ndarray) else type(data).__name__
         )
+        raise _layout_error(path, what, f"'data' is {found}, not a uint8 N x 3072 array")
+    if len(data) == 0:
+        raise _layout_error(path, what, "it holds no images")
     try:
         label_array = np.asarray(labels)
     except (TypeError, ValueError):
@@ -290,8 +295,6 @@ def read_cifar_batch(
         raise _layout_error(
             path, what, f"it needs one integer label per image ({len(data)} images)"
         )
-    if len(data) == 0:
-        raise _layout_error(path, what, "it holds no images")
     bad = label_array[(label_array < 0) | (label_array >= num_classes)]
     if len(bad):
         raise _layout_error(
@@ -332,13 +335,18 @@ class _CheckedCIFAR:
         target_transform: Callable | None = None,
         download: bool = False,
     ) -> None:
-        VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)  # type: ignore[arg-type]
+        VisionDataset.__init__(  # type: ignore[arg-type]
+            self, root, transform=transform, target_transform=target_transform
+        )
         self.train = train
         if download:
             self.download()  # type: ignore[attr-defined]
         missing = self._missing()
         if missing:
-            raise KcdError(f"{self.format_name} file {missing[0]} is missing")
+            raise KcdError(
+                f"{self.format_name} file {missing[0]} is missing; use the folder that contains "
+                f"{self.base_folder}/ as root, download=True, or `kcd demo-data`"
+            )
         self._load_meta()
         data, targets = [], []
         for name, _md5 in self.train_list if train else self.test_list:
@@ -352,13 +360,15 @@ class _CheckedCIFAR:
     def _missing(self) -> list[str]:
         folder = os.path.join(self.root, self.base_folder)  # type: ignore[attr-defined]
         names = [n for n, _md5 in self.train_list + self.test_list] + [self.meta["filename"]]
-        return [os.path.join(folder, n) for n in names if not os.path.isfile(os.path.join(folder, n))]
+        paths = [os.path.join(folder, n) for n in names]
+        return [path for path in paths if not os.path.isfile(path)]
 
     def _check_integrity(self) -> bool:
         return not self._missing()
 
     def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])  # type: ignore[attr-defined]
+        folder = os.path.join(self.root, self.base_folder)  # type: ignore[attr-defined]
+        path = os.path.join(folder, self.meta["filename"])
         self.classes = read_cifar_meta(path, self.meta["key"], self.format_name)
         self.class_to_idx = {_class: i for i, _class in enumerate(self.classes)}
 

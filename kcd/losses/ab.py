@@ -16,6 +16,14 @@ AB first trains the student's layers and the connectors with this loss alone (th
 "initialization" iterations), then trains normally; :meth:`ABLoss.initialization_loss` gives
 the unweighted loss for that first stage. With a transform the target is ``T(F^T)`` and the
 connector maps to the transform's ``c_s`` channels.
+
+After the initialisation stage, option ``throughout`` decides whether the weighted AB term
+stays in the loss. Default True: Section 4.1 gives AB a loss weight (10) "to balance" like the
+other methods', which only has a meaning when AB is trained together with the cross-entropy,
+and "Ours + AB" applies the transform "before calculating their distillation losses". False
+is the reading of the AB authors' code and of the common KD benchmarks (e.g. RepDistiller),
+which use the AB loss in the initialisation stage only and then train without it
+(``methods.ab.options.throughout: false``).
 """
 from __future__ import annotations
 
@@ -42,10 +50,12 @@ class ABLoss(DistillationLoss):
         transforms: Sequence[nn.Module | None] | None = None,
         *,
         margin: float = 1.0,
+        throughout: bool = True,
     ) -> None:
         super().__init__(weight, student_channels, teacher_channels, transforms)
         require_positive(self.method, "margin", margin)
         self.margin = float(margin)
+        self.throughout = bool(throughout)
         self.connectors = nn.ModuleList(
             connector(s, t) for s, t in zip(self.student_channels, self.target_channels)
         )
@@ -63,6 +73,9 @@ class ABLoss(DistillationLoss):
         return total
 
     def terms(self, batch: DistillBatch) -> dict[str, Tensor]:
+        """The weighted AB term after the initialisation stage (none unless ``throughout``)."""
+        if not self.throughout:
+            return {}
         return {"ab": self.weight * self.margin_loss(batch)}
 
     def initialization_loss(self, batch: DistillBatch) -> dict[str, Tensor]:

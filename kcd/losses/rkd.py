@@ -16,7 +16,8 @@ two terms 25 and 50; with Section 4.1's overall weight 10 that ratio is kept as
 
 RKD compares sample-to-sample relations, which a channel permutation of the teacher does not
 change. So for "Ours + RKD" Section 4.1 adds "another loss calculated with L2 distances on
-transformed feature maps": for every pair with a transform, ``rkd_kcd_l2 = l2_weight *
+transformed feature maps": RKD's own distance and angle terms keep the original teacher
+features (as RKD alone), and for every pair with a transform ``rkd_kcd_l2 = l2_weight *
 MSE(F^S, T(F^T))`` on the full feature maps, with ``l2_weight`` defaulting to the weight of
 "Ours" (1e2). That pair's transform must map to the student's channel count.
 """
@@ -82,17 +83,19 @@ class RKDLoss(DistillationLoss):
 
     def terms(self, batch: DistillBatch) -> dict[str, Tensor]:
         distance = angle = l2 = 0.0
-        for i, (s, t) in enumerate(self.feature_pairs(batch, same_size=False)):
+        for i, s in enumerate(batch.student_features):
             if len(s) < 2:
                 raise KcdError(
                     f"{self.method} relates samples to each other and needs batches of 2 or more"
                 )
-            es, et = pooled(s), pooled(t)
+            # the relations: student vs the original teacher features, with or without KCD
+            es, et = pooled(s), pooled(batch.teacher_features[i].detach())
             distance = distance + F.smooth_l1_loss(
                 normalized_distances(es), normalized_distances(et)
             )
             angle = angle + F.smooth_l1_loss(angles(es), angles(et))
-            if self.has_transform(i):
+            if self.has_transform(i):  # KCD's added term: L2 to the transformed teacher
+                t = self.teacher_view(batch, i)
                 self.require_same_size(i, s, t)
                 l2 = l2 + F.mse_loss(s, t)
         terms = {

@@ -484,10 +484,11 @@ def consistency_plan(n=11):
     out = analysis_path(ds, "feature_consistency.json")
     rows = []
     for r in FEATURE_CONSISTENCY_ROWS:
+        columns = ("kl_divergence", "l2_distance") if r.kl else ("l2_distance",)
         rows.append({"label": r.label, "paper": [["row", r.paper_row]], "note": r.note,
                      "cells": {c: [{"path": out, "keys": [r.label, f"s{seed}", c]}
                                    for seed in config["seeds"]]
-                               for c in ("kl_divergence", "l2_distance")}})
+                               for c in columns}})
     return {"table": 11, "title": "feature consistency between teacher and student",
             "dataset": ds, "columns": ["kl_divergence", "l2_distance"],
             "column_labels": {"kl_divergence": "KL", "l2_distance": "L2"}, "rows": rows,
