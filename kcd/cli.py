@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="resources/demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kinds", nargs="+", default=["cifar100", "imagenet", "coco"],
-                   choices=["cifar100", "imagenet", "coco"])
+                   choices=["cifar100", "imagenet", "coco", "cifar10"])
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
 
     p = add("init", cmd_init, "write theta0, the initial weights of (architecture, seed)")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from kcd.consistency import (
     METRICS,
@@ -290,3 +291,35 @@ def test_per_class_needs_labels_and_at_most_one_group_per_class():
         label_groups(torch.tensor([0]), 11, 10)
     with pytest.raises(KcdError, match=r"labels must lie in 0..3"):
         _per_class()(torch.randn(2, 3), torch.tensor([0, 4]))
+
+
+@pytest.mark.parametrize("how", ["flags", "spec"])
+def test_kcd_transform_passes_lr_and_batch_size_to_learned_strategies(how, monkeypatch,
+                                                                     demo_root, tmp_path):
+    """Both the flag path and the workflow's --spec path hand --lr and --batch-size on."""
+    import json
+
+    import kcd.statistics
+    from kcd.cli import main
+    from tests.conftest import tiny_config
+
+    seen = {}
+    monkeypatch.setattr(kcd.statistics, "learn_transform",
+                        lambda **kw: seen.update(kw) or {"gamma_after": 0.0})
+    out = str(tmp_path / "t.pt")
+    args = ["transform", "--strategy", "subnet-fc", "--out", out, "--lr", "0.25",
+            "--batch-size", "7", "--steps", "3", "-q"]
+    if how == "flags":
+        cfg = tmp_path / "config.yaml"
+        cfg.write_text(yaml.safe_dump(tiny_config(demo_root, tmp_path / "results")))
+        args += ["--config", str(cfg), "--dataset", "cifar100", "--teacher", "resnet20",
+                 "--teacher-weights", "t.pt", "--student", "resnet20_0.5x",
+                 "--student-weights", "s.pt"]
+    else:
+        spec = {"teacher": "resnet20", "teacher_weights": "t.pt", "student": "resnet20_0.5x",
+                "student_weights": "s.pt", "layers": ["layer3", "layer3"],
+                "data": {"name": "cifar100", "root": str(demo_root)}, "num_classes": 100,
+                "out": out}
+        args += ["--spec", json.dumps(spec)]
+    assert main(args) == 0
+    assert (seen["lr"], seen["batch_size"], seen["steps"]) == (0.25, 7, 3)
