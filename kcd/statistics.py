@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from kcd.checkpoint import atomic_save, load_file
 from kcd.consistency import ConsistencyStatistics
+from kcd.data.datasets import check_num_classes
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.specs import DataSpec, StatisticsSpec
@@ -72,6 +73,7 @@ def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
     for k in groups:
         if not 1 <= k <= num_classes:
             raise KcdError(f"groups K={k} must be between 1 and the class count {num_classes}")
+    check_num_classes(data.name, data.root, num_classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t, s = _models(teacher, spec.teacher_weights, student, spec.student_weights, num_classes,
                    device)

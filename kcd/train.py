@@ -43,6 +43,7 @@ from kcd.checkpoint import (
     set_rng_state,
 )
 from kcd.consistency import ConsistencyStatistics
+from kcd.data.datasets import check_num_classes
 from kcd.data.streams import eval_batches, train_stream
 from kcd.errors import KcdError
 from kcd.evaluate import evaluate
@@ -305,6 +306,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                                          weight_decay=r.weight_decay)
     stream = train_stream(spec.data, r.batch_size // world, seed=spec.seed, rank=rank,
                           world_size=world, channels_last=r.channels_last)
+    check_num_classes(spec.data.name, spec.data.root, spec.num_classes)
     total_steps = init_iters + r.iterations
 
     step = 0

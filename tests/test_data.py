@@ -615,6 +615,9 @@ def test_code_in_a_cifar_pickle_is_never_run(tmp_path, demo, cifar10_root, paylo
         assert message.startswith(f"{copy / name} is not a ") and f"refers to {called}" in message
         assert "\n" not in message
     assert not marker.exists()
+    control = tmp_path / "control"  # the payload is real: the standard unpickler runs it
+    pickle.loads(pickle.dumps(payload(control), protocol=2))
+    assert control.exists()
 
 
 @pytest.mark.parametrize("dataset, folder, name, split", CIFAR_FILES)

@@ -58,7 +58,8 @@ LOGS = f"{RESULTS}/logs"
 PY = sys.executable
 KCD = f"{shlex.quote(PY)} -m kcd.warm run --"  # light rules: `kcd ...`, warm when it can
 DEMO = config.get("demo_data", {}).get("root", "resources/demo")
-DEMO_FOLDERS = {"cifar100": "cifar-100-python", "imagenet": "imagenet", "coco": "coco"}
+DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
+                "imagenet": "imagenet", "coco": "coco"}
 TSEED = int(config.get("teacher_seed", 0))
 KCD_TRANSFORM = config.get("kcd_transform", "bipartite-correlation")
 TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
@@ -86,7 +87,7 @@ wildcard_constraints:
     transform=TRANSFORM_NAMES,
     tw=r"s\d+(-init)?",
     sw=r"s\d+(-init)?",
-    folder=r"cifar-100-python|imagenet|coco",
+    folder="|".join(DEMO_FOLDERS.values()),
     n=r"\d+",
 
 
