@@ -147,6 +147,21 @@ def resolve_config(files: Iterable[str | Path] = (), overrides: dict | None = No
     return validate_config(cfg)
 
 
+def workflow_config(files: Iterable[str | Path], overrides: dict | None) -> dict:
+    """The workflow's config: :func:`resolve_config` of Snakemake's ``--configfile`` files and
+    ``--config`` keys, refused if its results folder holds another scale; written where
+    ``kcd config show`` asks for it (:data:`kcd.dryrun.RESOLVED_CONFIG_ENV`)."""
+    import os
+
+    from kcd.dryrun import RESOLVED_CONFIG_ENV
+
+    cfg = resolve_config(files, overrides)
+    check_results_scale(cfg["results"], cfg["scale"])
+    if os.environ.get(RESOLVED_CONFIG_ENV):
+        Path(os.environ[RESOLVED_CONFIG_ENV]).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return cfg
+
+
 def load_config(paths: Iterable[str | Path] = (), overrides: Iterable[str] = ()) -> dict:
     """:func:`resolve_config` of config files and ``KEY=VALUE`` overrides (the CLI's
     ``--config`` and ``--set``)."""

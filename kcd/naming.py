@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from kcd.errors import KcdError
 
 NO_TRANSFORM = "none"
-STRATEGY_NAMES = ("identity", "random", "greedy", "bipartite", "subnet-fc", "subnet-res")
+MATCHED_STRATEGIES = ("identity", "random", "greedy", "bipartite")  # from statistics
+LEARNED_STRATEGIES = ("subnet-fc", "subnet-res")  # trained on the pair's features
+STRATEGY_NAMES = MATCHED_STRATEGIES + LEARNED_STRATEGIES
 METRIC_NAMES = ("l1", "l2", "correlation", "cosine", "kl")
 SOURCES = ("init-s", "init-t", "init-st")
 
@@ -40,6 +42,12 @@ _PATTERN = re.compile(
 )
 # The same grammar as a Snakemake wildcard constraint (no anchors, no named groups).
 WILDCARD = NO_TRANSFORM + "|" + re.sub(r"\?P<\w+>", "", _PATTERN.pattern[1:-1])
+# Transform file names (:attr:`TransformName.file_name`), as wildcard constraints: those
+# computed from statistics (with K groups) and the learned ones.
+_METRICS = "(" + "|".join(METRIC_NAMES) + ")"
+STATS_FILE_WILDCARD = ("(" + "|".join(MATCHED_STRATEGIES) + ")-" + _METRICS
+                       + r"(-k([2-9]|[1-9]\d+))?")
+LEARNED_FILE_WILDCARD = "(" + "|".join(LEARNED_STRATEGIES) + ")-" + _METRICS
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 
 rule detect_init:
     output:
-        f"{RESULTS}/{{ds}}/init/{{arch}}-s{{seed}}.pt",
+        L.theta0("{ds}", "{arch}", "{seed}"),
     wildcard_constraints:
         ds=DETECTION_DATASETS,
     log:
@@ -12,28 +12,28 @@ rule detect_init:
     resources:
         launch=lambda w: launch("init", f"init-{w.ds}-{w.arch}-s{w.seed}", w.ds),
     params:
-        spec=detect_init_spec,
+        spec=lambda w: json.dumps(P.detect_init_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} detect-init --spec {params.spec:q} -q > {log} 2>&1"
 
 
 rule detect_pretrain:
     input:
-        theta0=lambda w: theta0_path(w.ds, w.arch, w.seed),
+        theta0=lambda w: L.theta0(w.ds, w.arch, w.seed),
         data=lambda w: data_input(w.ds),
     output:
-        final=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/final.pt",
-        result=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/result.json",
+        final=L.final("{ds}", "{arch}", "{seed}"),
+        result=L.model_dir("{ds}", "{arch}", "{seed}") + "/result.json",
     wildcard_constraints:
         ds=DETECTION_DATASETS,
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
-        run_options=runtime_fields(detect_pretrain_spec),
+        run_options=runtime_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
-        gpus=lambda w: resources_of("pretrain", w.ds).get("gpus", 0),
+        gpus=gpus("pretrain"),
     params:
-        spec=result_fields(detect_pretrain_spec),
+        spec=result_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "
@@ -42,21 +42,21 @@ rule detect_pretrain:
 
 rule detect_statistics:
     input:
-        teacher=lambda w: weights_path(w.ds, w.teacher, w.tw),
-        student=lambda w: weights_path(w.ds, w.student, w.sw),
+        teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),
+        student=lambda w: L.weights(w.ds, w.student, w.sw),
         data=lambda w: data_input(w.ds),
     output:
-        f"{RESULTS}/{{ds}}/stats/{{teacher}}-{{tw}}__{{student}}-{{sw}}.pt",
+        L.stats("{ds}", "{teacher}", "{tw}", "{student}", "{sw}"),
     wildcard_constraints:
         ds=DETECTION_DATASETS,
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
-        run_options=runtime_fields(detect_stats_spec),
+        run_options=runtime_fields(lambda w: P.detect_stats_spec(*pair_wildcards(w))),
         launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.tw}-{w.student}-{w.sw}", w.ds),
-        gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
+        gpus=gpus("statistics"),
     params:
-        spec=result_fields(detect_stats_spec),
+        spec=result_fields(lambda w: P.detect_stats_spec(*pair_wildcards(w))),
     shell:
         "{resources.launch} detect-statistics --spec {params.spec:q} "
         "--runtime {resources.run_options:q} -q > {log} 2>&1"
@@ -64,24 +64,24 @@ rule detect_statistics:
 
 rule detect_distill:
     input:
-        theta0=lambda w: theta0_path(w.ds, w.student, w.seed),
-        teacher=lambda w: f"{model_dir(w.ds, w.teacher, w.tseed)}/final.pt",
-        transform=distill_transform,
+        theta0=lambda w: L.theta0(w.ds, w.student, w.seed),
+        teacher=lambda w: L.final(w.ds, w.teacher, w.tseed),
+        transform=lambda w: P.run_transforms(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
         data=lambda w: data_input(w.ds),
     output:
-        result=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/result.json",
-        final=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/final.pt",
+        result=RUN_DIR + "/result.json",
+        final=RUN_DIR + "/final.pt",
     wildcard_constraints:
         ds=DETECTION_DATASETS,
         method="l2",
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
-        run_options=runtime_fields(detect_distill_spec),
+        run_options=runtime_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
-        gpus=lambda w: resources_of("distill", w.ds).get("gpus", 0),
+        gpus=gpus("distill"),
     params:
-        spec=result_fields(detect_distill_spec),
+        spec=result_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "

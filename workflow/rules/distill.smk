@@ -4,23 +4,23 @@
 
 rule distill:
     input:
-        theta0=lambda w: theta0_path(w.ds, w.student, w.seed),
-        teacher=lambda w: f"{model_dir(w.ds, w.teacher, w.tseed)}/final.pt",
-        transform=distill_transform,
+        theta0=lambda w: L.theta0(w.ds, w.student, w.seed),
+        teacher=lambda w: L.final(w.ds, w.teacher, w.tseed),
+        transform=lambda w: P.run_transforms(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
         data=lambda w: data_input(w.ds),
     output:
-        result=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/result.json",
-        final=f"{RESULTS}/{{ds}}/runs/{{teacher}}-s{{tseed}}__{{student}}/{{method}}/{{transform}}/s{{seed}}/final.pt",
+        result=RUN_DIR + "/result.json",
+        final=RUN_DIR + "/final.pt",
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
-        run_options=runtime_fields(distill_spec),
+        run_options=runtime_fields(lambda w: P.distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
-        gpus=lambda w: resources_of("distill", w.ds).get("gpus", 0),
+        gpus=gpus("distill"),
     params:
-        spec=result_fields(distill_spec),
+        spec=result_fields(lambda w: P.distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "

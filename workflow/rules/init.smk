@@ -4,7 +4,7 @@
 
 rule init:
     output:
-        f"{RESULTS}/{{ds}}/init/{{arch}}-s{{seed}}.pt",
+        L.theta0("{ds}", "{arch}", "{seed}"),
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:

@@ -4,21 +4,21 @@
 
 rule pretrain:
     input:
-        theta0=lambda w: theta0_path(w.ds, w.arch, w.seed),
+        theta0=lambda w: L.theta0(w.ds, w.arch, w.seed),
         data=lambda w: data_input(w.ds),
     output:
-        final=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/final.pt",
-        result=f"{RESULTS}/{{ds}}/models/{{arch}}-s{{seed}}/result.json",
+        final=L.final("{ds}", "{arch}", "{seed}"),
+        result=L.model_dir("{ds}", "{arch}", "{seed}") + "/result.json",
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
-        run_options=runtime_fields(pretrain_spec),
+        run_options=runtime_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
-        gpus=lambda w: resources_of("pretrain", w.ds).get("gpus", 0),
+        gpus=gpus("pretrain"),
     params:
-        spec=result_fields(pretrain_spec),
+        spec=result_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "

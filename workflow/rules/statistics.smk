@@ -4,21 +4,21 @@
 
 rule statistics:
     input:
-        teacher=lambda w: weights_path(w.ds, w.teacher, w.tw),
-        student=lambda w: weights_path(w.ds, w.student, w.sw),
+        teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),
+        student=lambda w: L.weights(w.ds, w.student, w.sw),
         data=lambda w: data_input(w.ds),
     output:
-        f"{RESULTS}/{{ds}}/stats/{{teacher}}-{{tw}}__{{student}}-{{sw}}.pt",
+        L.stats("{ds}", "{teacher}", "{tw}", "{student}", "{sw}"),
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
-        run_options=runtime_fields(stats_spec),
+        run_options=runtime_fields(lambda w: P.stats_spec(*pair_wildcards(w))),
         launch=lambda w: launch("statistics", f"stats-{w.ds}-{w.teacher}-{w.tw}-{w.student}-{w.sw}", w.ds),
-        gpus=lambda w: resources_of("statistics", w.ds).get("gpus", 0),
+        gpus=gpus("statistics"),
     params:
-        spec=result_fields(stats_spec),
+        spec=result_fields(lambda w: P.stats_spec(*pair_wildcards(w))),
     shell:
         "{resources.launch} statistics --spec {params.spec:q} --runtime {resources.run_options:q} "
         "> {log} 2>&1"

@@ -4,11 +4,11 @@
 
 rule table:
     input:
-        lambda w: plan_inputs(table_plan(w.n)),
+        lambda w: P.plan_inputs(table_plan(w.n)),
     output:
-        csv=f"{RESULTS}/table{{n}}.csv",
-        md=f"{RESULTS}/table{{n}}.md",
-        tex=f"{RESULTS}/table{{n}}.tex",
+        csv=L.table("{n}", "csv"),
+        md=L.table("{n}", "md"),
+        tex=L.table("{n}", "tex"),
     log:
         log_path("tables", "table{n}"),
     params:
@@ -19,7 +19,7 @@ rule table:
 
 rule tables_md:
     input:
-        gathered_parts(),
+        P.gathered_parts(),
     output:
         f"{RESULTS}/tables.md",
     log:

@@ -4,15 +4,15 @@
 
 rule transform:
     input:
-        lambda w: stats_path(w.ds, w.teacher, w.tw, w.student, w.sw),
+        lambda w: L.stats(*pair_wildcards(w)),
     output:
-        f"{RESULTS}/{{ds}}/transforms/{{teacher}}-{{tw}}__{{student}}-{{sw}}/{{name}}.pt",
+        L.transform("{ds}", "{teacher}", "{tw}", "{student}", "{sw}", "{name}"),
     wildcard_constraints:
-        name=STATS_TRANSFORM_FILES,
+        name=STATS_FILE_WILDCARD,
     log:
         log_path("{ds}", "transforms", "{teacher}-{tw}__{student}-{sw}", "{name}"),
     params:
-        args=lambda w: transform_args(w.name),
+        args=lambda w: shlex.join(P.transform_args(w.name)),
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
         "{KCD} transform --stats {input} {params.args} --seed {params.seed} --out {output} "
@@ -21,22 +21,22 @@ rule transform:
 
 rule learned_transform:
     input:
-        teacher=lambda w: weights_path(w.ds, w.teacher, w.tw),
-        student=lambda w: weights_path(w.ds, w.student, w.sw),
+        teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),
+        student=lambda w: L.weights(w.ds, w.student, w.sw),
         data=lambda w: data_input(w.ds),
     output:
-        f"{RESULTS}/{{ds}}/transforms/{{teacher}}-{{tw}}__{{student}}-{{sw}}/{{name}}.pt",
+        L.transform("{ds}", "{teacher}", "{tw}", "{student}", "{sw}", "{name}"),
     wildcard_constraints:
-        name=LEARNED_TRANSFORM_FILES,
+        name=LEARNED_FILE_WILDCARD,
     log:
         log_path("{ds}", "transforms", "{teacher}-{tw}__{student}-{sw}", "{name}"),
     resources:
-        run_options=runtime_fields(learn_spec),
+        run_options=runtime_fields(lambda w: P.learn_spec(*pair_wildcards(w), w.name)),
         launch=lambda w: launch("learned_transform", f"learn-{w.ds}-{w.student}-{w.name}", w.ds),
-        gpus=lambda w: resources_of("learned_transform", w.ds).get("gpus", 0),
+        gpus=gpus("learned_transform"),
     params:
-        spec=result_fields(learn_spec),
-        args=lambda w: transform_args(w.name) + " " + learned_args(),
+        spec=result_fields(lambda w: P.learn_spec(*pair_wildcards(w), w.name)),
+        args=lambda w: shlex.join(P.transform_args(w.name) + P.learned_args()),
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
         "{resources.launch} transform --spec {params.spec:q} --runtime {resources.run_options:q} "

@@ -1,0 +1,101 @@
+"""The results tree: every path a job of the pipeline reads or writes, built in one place.
+
+::
+
+    <results>/<ds>/init/<arch>-s<seed>.pt                          theta0
+    <results>/<ds>/models/<arch>-s<seed>/{final.pt,result.json}    pre-training (teachers, Baselines)
+    <results>/<ds>/models/<arch>-s<seed>/anchors/iter-<i>.pt       RCO's teacher anchors
+    <results>/<ds>/stats/<T>-<tw>__<S>-<sw>.pt                     statistics of a pair
+    <results>/<ds>/transforms/<T>-<tw>__<S>-<sw>/<name>.pt         its transforms
+    <results>/<ds>/runs/<T>-s<tseed>__<S>/<method>/<transform>/s<seed>/   distillation runs
+    <results>/<ds>/analysis/<name>.json                            Tables 10 and 11
+    <results>/table<n>.{csv,md,tex}, tables.md, figure1.{png,pdf}  tables and the figure
+    <results>/logs/...                                             one log per job
+
+A pair names each side's weights by a tag: ``s<seed>`` (trained) or ``s<seed>-init`` (theta0,
+Table 4). A run's ``<transform>`` is a name of :mod:`kcd.naming`. The Snakemake rules' output
+patterns are these paths with wildcards (``Layout("results").run_dir("{ds}", ...)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kcd.naming import parse_transform_name, source_pair
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The paths of one results folder."""
+
+    results: str
+
+    @property
+    def logs(self) -> str:
+        return f"{self.results}/logs"
+
+    def log(self, *parts: object) -> str:
+        return f"{self.logs}/" + "/".join(str(p) for p in parts) + ".log"
+
+    def theta0(self, ds: str, arch: str, seed: object) -> str:
+        return f"{self.results}/{ds}/init/{arch}-s{seed}.pt"
+
+    def model_dir(self, ds: str, arch: str, seed: object) -> str:
+        return f"{self.results}/{ds}/models/{arch}-s{seed}"
+
+    def final(self, ds: str, arch: str, seed: object) -> str:
+        """The trained weights of (arch, seed)'s pre-training."""
+        return f"{self.model_dir(ds, arch, seed)}/final.pt"
+
+    def anchor(self, ds: str, arch: str, seed: object, iteration: int) -> str:
+        return f"{self.model_dir(ds, arch, seed)}/anchors/iter-{iteration}.pt"
+
+    @staticmethod
+    def pair_name(teacher: str, tw: str, student: str, sw: str) -> str:
+        """A (teacher, student) pair by weight tags."""
+        return f"{teacher}-{tw}__{student}-{sw}"
+
+    def weights(self, ds: str, arch: str, tag: str) -> str:
+        """The weights a tag names: the trained model, or theta0 for ``s<seed>-init``."""
+        seed = tag[1:].removesuffix("-init")
+        return self.theta0(ds, arch, seed) if tag.endswith("-init") else self.final(ds, arch, seed)
+
+    def stats(self, ds: str, teacher: str, tw: str, student: str, sw: str) -> str:
+        return f"{self.results}/{ds}/stats/{self.pair_name(teacher, tw, student, sw)}.pt"
+
+    def transform(self, ds: str, teacher: str, tw: str, student: str, sw: str,
+                  file_name: str) -> str:
+        pair = self.pair_name(teacher, tw, student, sw)
+        return f"{self.results}/{ds}/transforms/{pair}/{file_name}.pt"
+
+    def run_transform(self, ds: str, teacher: str, tseed: object, student: str, seed: object,
+                      transform: str) -> str | None:
+        """The transform file a run named ``transform`` uses, or None for ``none``."""
+        name = parse_transform_name(transform)
+        if name is None:
+            return None
+        tw, sw = source_pair(name, int(tseed), int(seed))
+        return self.transform(ds, teacher, tw, student, sw, name.file_name)
+
+    def run_dir(self, ds: str, teacher: str, tseed: object, student: str, method: str,
+                transform: str, seed: object) -> str:
+        return (f"{self.results}/{ds}/runs/{teacher}-s{tseed}__{student}/{method}/{transform}"
+                f"/s{seed}")
+
+    def run_file(self, ds: str, teacher: str, tseed: object, student: str, method: str,
+                 transform: str, seed: object, file: str = "result.json") -> str:
+        """A file of a table cell's run (its result, or ``final.pt``): ``baseline`` is the
+        student's own pre-training."""
+        if method == "baseline":
+            return f"{self.model_dir(ds, student, seed)}/{file}"
+        return f"{self.run_dir(ds, teacher, tseed, student, method, transform, seed)}/{file}"
+
+    def analysis(self, ds: str, name: str) -> str:
+        return f"{self.results}/{ds}/analysis/{name}"
+
+    def table(self, n: object, suffix: str) -> str:
+        return f"{self.results}/table{n}.{suffix}"
+
+    @property
+    def figure1(self) -> str:
+        """The prefix of Figure 1's files (``.png``, ``.pdf``)."""
+        return f"{self.results}/figure1"
