@@ -28,7 +28,9 @@ time limit, submitit requeues it and the step resumes from its own checkpoint fi
 Multi-task jobs (``--tasks`` > 1, one per GPU) export the torch.distributed environment so the
 training engine runs DistributedDataParallel.
 
-This module imports neither torch nor the engines, so the launcher process starts quickly.
+The job itself (:class:`kcd.jobs.KcdJob`) and the /proc reader live in :mod:`kcd.jobs`, which
+the warm worker shares. This module imports neither torch nor the engines, so the launcher
+process starts quickly.
 """
 from __future__ import annotations
 
@@ -42,40 +44,13 @@ import time
 from pathlib import Path
 
 import submitit
-from submitit.helpers import Checkpointable
 
 from kcd import warm
+from kcd.jobs import KcdJob, proc_stat
 
 TAIL_LINES = 40
 POLL_SECONDS = float(os.environ.get("KCD_POLL_SECONDS", "30"))
 WATCH_SECONDS = 2.0  # how often the watchdog looks for the Snakemake process
-
-
-class KcdJob(Checkpointable):
-    """The function a job runs: ``kcd.cli.main(argv)`` in the job's process."""
-
-    def __call__(self, argv: list[str], threads: int) -> int:
-        try:
-            tasks = submitit.JobEnvironment().num_tasks
-        except RuntimeError:  # the debug launcher runs in this process, outside any job
-            tasks = 1
-        if tasks > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        code = self.run(argv, threads)
-        if code:
-            raise RuntimeError(f"kcd {argv[0] if argv else ''} exited with status {code}")
-        return code
-
-    @staticmethod
-    def run(argv: list[str], threads: int) -> int:
-        """``kcd argv`` on ``threads`` CPU threads in this process; its exit status."""
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        import torch
-
-        torch.set_num_threads(threads)
-        from kcd.cli import main
-
-        return main(argv)
 
 
 def build_executor(args: argparse.Namespace) -> submitit.Executor:
@@ -132,16 +107,6 @@ def _job_log(job: submitit.Job) -> str:
 # --------------------------------------------------------------------------- no orphan jobs
 
 
-def _proc_stat(pid: int) -> tuple[str, int, str] | None:
-    """(state, parent pid, start time) of a process from Linux's /proc; None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 (state) onwards
-    return fields[0], int(fields[1]), fields[19]
-
-
 def _cmdline(pid: int) -> list[bytes]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -154,7 +119,7 @@ def _snakemake_ancestor() -> tuple[int, str] | None:
     Snakemake, or no /proc)."""
     pid = os.getppid()
     while pid > 1:
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat is None:
             return None
         if any(os.path.basename(arg) == b"snakemake" for arg in _cmdline(pid)[:3]):
@@ -176,7 +141,7 @@ def _launchers_below(root: int) -> list[int]:
     except OSError:
         return []
     for pid in pids:
-        stat = _proc_stat(pid)
+        stat = proc_stat(pid)
         if stat is not None:
             children.setdefault(stat[1], []).append(pid)
     found, todo = [], list(children.get(root, []))
@@ -264,7 +229,7 @@ class _Canceller:
         def loop():
             while True:
                 time.sleep(WATCH_SECONDS)
-                stat = _proc_stat(pid)
+                stat = proc_stat(pid)
                 if stat is None or stat[0] in ("Z", "X") or stat[2] != started:
                     self.cancel_and_exit(f"Snakemake (PID {pid}) is gone", 1)
                     return

@@ -48,9 +48,9 @@ import traceback
 from pathlib import Path
 
 ENV = "KCD_WARM_SOCKET"  # where the launchers find the worker
-PRELOAD = ("torch", "torchvision", "mlflow", "pandas", "kcd.cli", "kcd.train", "kcd.evaluate",
-           "kcd.statistics", "kcd.transforms", "kcd.tracking", "kcd.detection", "kcd.analysis",
-           "kcd.analysis.overlap", "kcd.analysis.feature_consistency")
+PRELOAD = ("torch", "torchvision", "mlflow", "pandas", "kcd.jobs", "kcd.cli", "kcd.train",
+           "kcd.evaluate", "kcd.statistics", "kcd.transforms", "kcd.tracking", "kcd.detection",
+           "kcd.analysis", "kcd.analysis.overlap", "kcd.analysis.feature_consistency")
 MAX_MESSAGE = 1 << 20
 MAX_FD = 1 << 16  # the forks close every descriptor above 2 up to this
 READY_SECONDS = 120.0
@@ -87,7 +87,7 @@ def _child(request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         tempfile.tempdir = None  # from this job's TMPDIR, not the worker's
         sys.argv = ["kcd", *request["argv"]]
-        from kcd.launch import KcdJob
+        from kcd.jobs import KcdJob  # here: the light rules' `kcd.warm run` never needs submitit
 
         try:
             code = KcdJob().run(request["argv"], int(request["threads"]))
@@ -249,9 +249,9 @@ def _accept(server: socket.socket, selector: selectors.BaseSelector,
 
 
 def _alive(pid: int) -> bool:
-    from kcd.launch import _proc_stat  # (kcd.launch imports this module)
+    from kcd.jobs import proc_stat  # here: the light rules' `kcd.warm run` never needs submitit
 
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] not in ("Z", "X")
 
 

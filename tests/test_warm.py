@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kcd import warm
-from kcd.launch import _proc_stat
+from kcd.jobs import proc_stat
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "kcd.launch", "--launcher", "local"]
@@ -35,7 +35,7 @@ def _env(socket_path: str | None) -> dict:
 
 
 def _alive(pid: int) -> bool:
-    stat = _proc_stat(pid)
+    stat = proc_stat(pid)
     return stat is not None and stat[0] not in ("Z", "X")
 
 
@@ -118,7 +118,7 @@ def _long_pretrain(worker, tmp_path) -> subprocess.Popen:
 
 def _children(pid: int) -> set[int]:
     """The live child processes of ``pid`` (Linux /proc)."""
-    stats = {int(n): _proc_stat(int(n)) for n in os.listdir("/proc") if n.isdigit()}
+    stats = {int(n): proc_stat(int(n)) for n in os.listdir("/proc") if n.isdigit()}
     return {child for child, stat in stats.items()
             if stat is not None and stat[1] == pid and stat[0] not in ("Z", "X")}
 
