@@ -7,10 +7,10 @@ truncated files into a one-line :class:`~kcd.errors.KcdError` naming the file.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +20,36 @@ import torch
 from kcd.errors import KcdError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``.<name>.<pid>.tmp`` files left by a writer of ``path`` that was killed
+    mid-write (its process is gone), so interrupted writes never accumulate."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write through ``.<name>.<pid>.tmp`` in the same folder, then rename it to ``path``.
+
+    The file gets the permissions the umask gives (as ``open`` would), not mkstemp's 0600, so
+    a results folder shared by a group stays readable to it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temporaries(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
