@@ -179,6 +179,13 @@ def validate_config(cfg: dict) -> dict:
         e = errors[0]
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         raise KcdError(f"config key {key}: {e.message}")
+    paths = {"results": cfg.get("results"), "tracking.uri": cfg.get("tracking", {}).get("uri"),
+             "demo_data.root": cfg.get("demo_data", {}).get("root"),
+             **{f"datasets.{n}.root": d.get("root") for n, d in cfg.get("datasets", {}).items()}}
+    for key, value in paths.items():
+        if isinstance(value, str) and ("\n" in value or "\0" in value or "\r" in value):
+            raise KcdError(f"config key {key}: a path may not contain a newline or NUL "
+                           f"character: {value!r}")
     from kcd.data import DATASETS
     from kcd.losses import LOSSES
 

@@ -42,9 +42,13 @@ class Layout:
     def model_dir(self, ds: str, arch: str, seed: object) -> str:
         return f"{self.results}/{ds}/models/{arch}-s{seed}"
 
+    def model_file(self, ds: str, arch: str, seed: object, file: str = "result.json") -> str:
+        """A file of (arch, seed)'s pre-training: ``result.json``, ``final.pt``."""
+        return f"{self.model_dir(ds, arch, seed)}/{file}"
+
     def final(self, ds: str, arch: str, seed: object) -> str:
         """The trained weights of (arch, seed)'s pre-training."""
-        return f"{self.model_dir(ds, arch, seed)}/final.pt"
+        return self.model_file(ds, arch, seed, "final.pt")
 
     def anchor(self, ds: str, arch: str, seed: object, iteration: int) -> str:
         return f"{self.model_dir(ds, arch, seed)}/anchors/iter-{iteration}.pt"
@@ -86,7 +90,7 @@ class Layout:
         """A file of a table cell's run (its result, or ``final.pt``): ``baseline`` is the
         student's own pre-training."""
         if method == "baseline":
-            return f"{self.model_dir(ds, student, seed)}/{file}"
+            return self.model_file(ds, student, seed, file)
         return f"{self.run_dir(ds, teacher, tseed, student, method, transform, seed)}/{file}"
 
     def analysis(self, ds: str, name: str) -> str:

@@ -264,7 +264,7 @@ class Plans:
                          "cells": cells})
         return {"table": int(name.removeprefix("table")),
                 "title": COMPARISON_TITLES.get(name, name), "dataset": ds, "teacher": teacher,
-                "teacher_results": [f"{L.model_dir(ds, teacher, self.tseed)}/result.json"],
+                "teacher_results": [L.model_file(ds, teacher, self.tseed)],
                 "columns": list(t["students"]), "rows": rows, "metric": "top1",
                 "scale": self.cfg["scale"]}
 
@@ -283,7 +283,7 @@ class Plans:
                          "cells": {student: [L.run_file(ds, teacher, tseed, student, r.method,
                                                         r.transform, seed) for seed in seeds]}})
         return {"table": n, "title": ABLATION_TITLES[n], "dataset": ds, "teacher": teacher,
-                "teacher_results": [f"{L.model_dir(ds, teacher, self.tseed)}/result.json"],
+                "teacher_results": [L.model_file(ds, teacher, self.tseed)],
                 "columns": [student], "paper_value": "top1", "rows": rows, "metric": "top1",
                 "scale": self.cfg["scale"]}
 
@@ -340,7 +340,7 @@ class Plans:
             "table": 9,
             "title": "object detection on COCO: Faster R-CNN + FPN, KCD on the backbone",
             "dataset": ds, "teacher": teacher, "metric": "AP",
-            "teacher_results": [f"{L.model_dir(ds, teacher, self.tseed)}/result.json"],
+            "teacher_results": [L.model_file(ds, teacher, self.tseed)],
             "teacher_paper": {"match": [["setting", "Teacher"], ["backbone", teacher]],
                               "column": "AP"},
             "columns": list(d["students"]), "paper_column_key": "backbone",

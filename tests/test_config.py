@@ -114,3 +114,11 @@ def test_cli_overrides_win_over_files(config_dir, tmp_path):
     cfg = load_config([_site(tmp_path)], ["scale=paper", "recipes.cifar100.default.lr=0.05"])
     assert cfg["recipes"]["cifar100"]["default"]["lr"] == 0.05
     assert cfg["recipes"]["cifar100"]["default"]["iterations"] == 64000
+
+
+@pytest.mark.parametrize("key", ["results", "datasets.cifar100.root", "demo_data.root"])
+def test_paths_with_a_newline_or_nul_are_refused(config_dir, key):
+    with pytest.raises(KcdError, match=rf"config key {key}: a path may not contain a newline"):
+        load_config([], [f'{key}="a\\nb"'])
+    with pytest.raises(KcdError, match=rf"config key {key}:"):
+        load_config([], [f'{key}="a\\0b"'])

@@ -196,3 +196,22 @@ def test_killed_run_resumes_from_its_checkpoint_after_rerun_incomplete(tmp_path)
     log = (tmp_path / "results/logs/cifar100/pretrain/resnet20_0.5x-s0.log").read_text()
     assert "resuming" in log and "from its checkpoint at step" in log
     assert json.loads((run_dir / "result.json").read_text())["iterations"] == 60
+
+
+def test_paths_with_spaces_and_shell_metacharacters_run_end_to_end(tmp_path):
+    """A results folder and a dataset root with spaces, quotes and $(...): every path reaches
+    its job as one word and nothing in it is run by the shell."""
+    cfg = _config()
+    weird = "dir with space's $(touch PWNED) `touch PWNED2`"
+    cfg["results"] = f"out {weird}"
+    cfg["demo_data"]["root"] = f"data {weird}"
+    cfg["datasets"]["cifar100"]["root"] = f"data {weird}"
+    cfg["tables"]["table7"]["rows"] = ["Baseline", "KD"]
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    run = _snakemake(tmp_path, f"{cfg['results']}/table7.csv")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    df = pd.read_csv(tmp_path / cfg["results"] / "table7.csv")
+    assert list(df["row"]) == ["Baseline", "KD"] and df["resnet20_0.5x"].notna().all()
+    assert (tmp_path / cfg["demo_data"]["root"] / "cifar-100-python" / "meta").is_file()
+    assert not list(tmp_path.rglob("PWNED*")) and not (Path.cwd() / "PWNED").exists()

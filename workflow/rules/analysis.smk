@@ -17,7 +17,7 @@ rule overlap:
         spec=result_fields(lambda w: P.overlap_spec()),
     shell:
         "{resources.launch} overlap --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "-q > {log} 2>&1"
+        "-q > {log:q} 2>&1"
 
 
 rule feature_consistency:
@@ -35,7 +35,7 @@ rule feature_consistency:
         spec=result_fields(lambda w: P.consistency_spec()),
     shell:
         "{resources.launch} feature-consistency --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "-q > {log} 2>&1"
+        "-q > {log:q} 2>&1"
 
 
 rule figure1:
@@ -54,4 +54,4 @@ rule figure1:
         spec=result_fields(lambda w: P.figure1_spec()),
     shell:
         "{resources.launch} figure1 --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "-q > {log} 2>&1"
+        "-q > {log:q} 2>&1"

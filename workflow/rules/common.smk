@@ -91,8 +91,9 @@ def stop_warm_worker():
 
 L = Layout(RESULTS)  # every path (kcd/layout.py)
 P = Plans(config, L)  # every job's spec and every table's plan (kcd/plans.py)
-RUN_DIR = L.run_dir("{ds}", "{teacher}", "{tseed}", "{student}", "{method}", "{transform}",
-                    "{seed}")
+# a distillation run's files: {ds}, {teacher}... stay wildcards, {file} is filled per output
+RUN_FILE = L.run_file("{{ds}}", "{{teacher}}", "{{tseed}}", "{{student}}", "{{method}}",
+                      "{{transform}}", "{{seed}}", "{file}")
 
 
 def table_plan(n):

@@ -11,5 +11,5 @@ rule demo_data:
         seed=config.get("demo_data", {}).get("seed", 0),
         size="--tiny" if config.get("demo_data", {}).get("size") == "tiny" else "",
     shell:
-        "{KCD} demo-data --root {DEMO} --seed {params.seed} --kinds {params.kind} {params.size} "
-        "-q > {log} 2>&1"
+        "{KCD} demo-data --root {DEMO:q} --seed {params.seed} --kinds {params.kind} {params.size} "
+        "-q > {log:q} 2>&1"

@@ -14,7 +14,7 @@ rule detect_init:
     params:
         spec=lambda w: json.dumps(P.detect_init_spec(w.ds, w.arch, w.seed)),
     shell:
-        "{resources.launch} detect-init --spec {params.spec:q} -q > {log} 2>&1"
+        "{resources.launch} detect-init --spec {params.spec:q} -q > {log:q} 2>&1"
 
 
 rule detect_pretrain:
@@ -23,7 +23,7 @@ rule detect_pretrain:
         data=lambda w: data_input(w.ds),
     output:
         final=L.final("{ds}", "{arch}", "{seed}"),
-        result=L.model_dir("{ds}", "{arch}", "{seed}") + "/result.json",
+        result=L.model_file("{ds}", "{arch}", "{seed}", "result.json"),
     wildcard_constraints:
         ds=DETECTION_DATASETS,
     log:
@@ -37,7 +37,7 @@ rule detect_pretrain:
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "
-        "> {log} 2>&1"
+        "> {log:q} 2>&1"
 
 
 rule detect_statistics:
@@ -59,7 +59,7 @@ rule detect_statistics:
         spec=result_fields(lambda w: P.detect_stats_spec(*pair_wildcards(w))),
     shell:
         "{resources.launch} detect-statistics --spec {params.spec:q} "
-        "--runtime {resources.run_options:q} -q > {log} 2>&1"
+        "--runtime {resources.run_options:q} -q > {log:q} 2>&1"
 
 
 rule detect_distill:
@@ -69,8 +69,8 @@ rule detect_distill:
         transform=lambda w: P.run_transforms(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
         data=lambda w: data_input(w.ds),
     output:
-        result=RUN_DIR + "/result.json",
-        final=RUN_DIR + "/final.pt",
+        result=RUN_FILE.format(file="result.json"),
+        final=RUN_FILE.format(file="final.pt"),
     wildcard_constraints:
         ds=DETECTION_DATASETS,
         method="l2",
@@ -85,4 +85,4 @@ rule detect_distill:
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "
-        "> {log} 2>&1"
+        "> {log:q} 2>&1"

@@ -9,8 +9,8 @@ rule distill:
         transform=lambda w: P.run_transforms(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
         data=lambda w: data_input(w.ds),
     output:
-        result=RUN_DIR + "/result.json",
-        final=RUN_DIR + "/final.pt",
+        result=RUN_FILE.format(file="result.json"),
+        final=RUN_FILE.format(file="final.pt"),
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:
@@ -24,4 +24,4 @@ rule distill:
     shell:
         "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "
-        "> {log} 2>&1"
+        "> {log:q} 2>&1"

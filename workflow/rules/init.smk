@@ -15,4 +15,4 @@ rule init:
         classes=lambda w: config["datasets"][w.ds]["num_classes"],
     shell:
         "{resources.launch} init --arch {wildcards.arch} --seed {wildcards.seed} "
-        "--num-classes {params.classes} --out {output} -q > {log} 2>&1"
+        "--num-classes {params.classes} --out {output:q} -q > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule pretrain:
         data=lambda w: data_input(w.ds),
     output:
         final=L.final("{ds}", "{arch}", "{seed}"),
-        result=L.model_dir("{ds}", "{arch}", "{seed}") + "/result.json",
+        result=L.model_file("{ds}", "{arch}", "{seed}", "result.json"),
     wildcard_constraints:
         ds=CLASSIFICATION_DATASETS,
     log:
@@ -22,4 +22,4 @@ rule pretrain:
     shell:
         "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
         "--tracking-uri {TRACKING_URI:q} "
-        "> {log} 2>&1"
+        "> {log:q} 2>&1"

@@ -21,4 +21,4 @@ rule statistics:
         spec=result_fields(lambda w: P.stats_spec(*pair_wildcards(w))),
     shell:
         "{resources.launch} statistics --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "> {log} 2>&1"
+        "> {log:q} 2>&1"

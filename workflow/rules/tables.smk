@@ -13,8 +13,9 @@ rule table:
         log_path("tables", "table{n}"),
     params:
         plan=lambda w: json.dumps(table_plan(w.n)),
+        prefix=lambda w: L.table(w.n, "csv").removesuffix(".csv"),
     shell:
-        "{KCD} table --plan {params.plan:q} --out {RESULTS}/table{wildcards.n} > {log} 2>&1"
+        "{KCD} table --plan {params.plan:q} --out {params.prefix:q} > {log:q} 2>&1"
 
 
 rule tables_md:
@@ -25,4 +26,4 @@ rule tables_md:
     log:
         log_path("tables", "tables_md"),
     shell:
-        "{KCD} tables-md --out {output} {input} > {log} 2>&1"
+        "{KCD} tables-md --out {output:q} {input:q} > {log:q} 2>&1"

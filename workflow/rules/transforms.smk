@@ -15,8 +15,8 @@ rule transform:
         args=lambda w: shlex.join(P.transform_args(w.name)),
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
-        "{KCD} transform --stats {input} {params.args} --seed {params.seed} --out {output} "
-        "> {log} 2>&1"
+        "{KCD} transform --stats {input:q} {params.args} --seed {params.seed} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule learned_transform:
@@ -40,4 +40,4 @@ rule learned_transform:
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
         "{resources.launch} transform --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "{params.args} --seed {params.seed} --out {output} > {log} 2>&1"
+        "{params.args} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
