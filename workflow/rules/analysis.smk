@@ -2,6 +2,7 @@
 # Figure 1's activation maps. Each is one `kcd` job over the models its spec names.
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule overlap:
     input:
         lambda w: P.spec_inputs(P.overlap_spec()),
@@ -20,6 +21,7 @@ rule overlap:
         "-q > {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule feature_consistency:
     input:
         lambda w: P.spec_inputs(P.consistency_spec()),
@@ -38,6 +40,7 @@ rule feature_consistency:
         "-q > {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule figure1:
     input:
         lambda w: P.spec_inputs(P.figure1_spec()),

@@ -2,6 +2,7 @@
 # layout (theta0, pre-training, statistics, transforms from rules/transforms.smk, distillation).
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule detect_init:
     output:
         L.theta0("{ds}", "{arch}", "{seed}"),
@@ -17,6 +18,7 @@ rule detect_init:
         "{resources.launch} detect-init --spec {params.spec:q} -q > {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule detect_pretrain:
     input:
         theta0=lambda w: L.theta0(w.ds, w.arch, w.seed),
@@ -29,6 +31,7 @@ rule detect_pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
+        tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
         run_options=runtime_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=gpus("pretrain"),
@@ -36,10 +39,11 @@ rule detect_pretrain:
         spec=result_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {TRACKING_URI:q} "
+        "--tracking-uri {resources.tracking:q} "
         "> {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule detect_statistics:
     input:
         teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),
@@ -62,6 +66,7 @@ rule detect_statistics:
         "--runtime {resources.run_options:q} -q > {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule detect_distill:
     input:
         theta0=lambda w: L.theta0(w.ds, w.student, w.seed),
@@ -77,6 +82,7 @@ rule detect_distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
+        tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
         run_options=runtime_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=gpus("distill"),
@@ -84,5 +90,5 @@ rule detect_distill:
         spec=result_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {TRACKING_URI:q} "
+        "--tracking-uri {resources.tracking:q} "
         "> {log:q} 2>&1"

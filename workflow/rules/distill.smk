@@ -2,6 +2,7 @@
 # transform, evaluated at the end (result.json holds top-1/top-5, teacher KL, feature L2).
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule distill:
     input:
         theta0=lambda w: L.theta0(w.ds, w.student, w.seed),
@@ -16,6 +17,7 @@ rule distill:
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
+        tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
         run_options=runtime_fields(lambda w: P.distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=gpus("distill"),
@@ -23,5 +25,5 @@ rule distill:
         spec=result_fields(lambda w: P.distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {TRACKING_URI:q} "
+        "--tracking-uri {resources.tracking:q} "
         "> {log:q} 2>&1"

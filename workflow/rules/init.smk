@@ -2,6 +2,7 @@
 # the pre-training and by every distillation run of that student.
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule init:
     output:
         L.theta0("{ds}", "{arch}", "{seed}"),

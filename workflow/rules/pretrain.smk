@@ -2,6 +2,7 @@
 # checkpoints) and the students of Algorithm 1 step 3 (also Tables 7/8's Baseline row).
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule pretrain:
     input:
         theta0=lambda w: L.theta0(w.ds, w.arch, w.seed),
@@ -14,6 +15,7 @@ rule pretrain:
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
+        tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
         run_options=runtime_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=gpus("pretrain"),
@@ -21,5 +23,5 @@ rule pretrain:
         spec=result_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {TRACKING_URI:q} "
+        "--tracking-uri {resources.tracking:q} "
         "> {log:q} 2>&1"

@@ -2,6 +2,7 @@
 # names each side's weights by a tag: s<seed> (trained) or s<seed>-init (theta0, Table 4).
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule statistics:
     input:
         teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),

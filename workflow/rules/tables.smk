@@ -2,6 +2,7 @@
 # that gathers them.
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule table:
     input:
         lambda w: P.plan_inputs(table_plan(w.n)),
@@ -11,13 +12,16 @@ rule table:
         tex=L.table("{n}", "tex"),
     log:
         log_path("tables", "table{n}"),
+    resources:
+        kcd=KCD,
     params:
         plan=lambda w: json.dumps(table_plan(w.n)),
         prefix=lambda w: L.table(w.n, "csv").removesuffix(".csv"),
     shell:
-        "{KCD} table --plan {params.plan:q} --out {params.prefix:q} > {log:q} 2>&1"
+        "{resources.kcd} table --plan {params.plan:q} --out {params.prefix:q} > {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule tables_md:
     input:
         P.gathered_parts(),
@@ -25,5 +29,7 @@ rule tables_md:
         f"{RESULTS}/tables.md",
     log:
         log_path("tables", "tables_md"),
+    resources:
+        kcd=KCD,
     shell:
-        "{KCD} tables-md --out {output:q} {input:q} > {log:q} 2>&1"
+        "{resources.kcd} tables-md --out {output:q} {input:q} > {log:q} 2>&1"

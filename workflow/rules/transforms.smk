@@ -2,6 +2,7 @@
 # place); learned strategies (Table 1's sub-nets) train on the pair's features.
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule transform:
     input:
         lambda w: L.stats(*pair_wildcards(w)),
@@ -11,14 +12,17 @@ rule transform:
         name=STATS_FILE_WILDCARD,
     log:
         log_path("{ds}", "transforms", "{teacher}-{tw}__{student}-{sw}", "{name}"),
+    resources:
+        kcd=KCD,
     params:
         args=lambda w: shlex.join(P.transform_args(w.name)),
         seed=lambda w: w.sw[1:].removesuffix("-init"),
     shell:
-        "{KCD} transform --stats {input:q} {params.args} --seed {params.seed} --out {output:q} "
+        "{resources.kcd} transform --stats {input:q} {params.args} --seed {params.seed} --out {output:q} "
         "> {log:q} 2>&1"
 
 
+# lint: no conda/container per rule; every rule runs in the one kcd environment
 rule learned_transform:
     input:
         teacher=lambda w: L.weights(w.ds, w.teacher, w.tw),
