@@ -99,18 +99,6 @@ def _center(x: Tensor) -> Tensor:
     return x - _channel_offset(x)
 
 
-def _recenter_(rows: Tensor, offset: Tensor) -> Tensor:
-    """Centre float32 ``rows`` (k x c) on their column mean in place; return their new offset.
-
-    ``rows + offset`` (``offset`` float64, c) are the values the rows stand for. The mean is
-    rounded to float32 and subtracted from the rows, and the returned ``offset + mean`` (float64)
-    keeps ``rows + offset`` the same values up to the float32 rounding of that subtraction.
-    """
-    mean = rows.sum(0, dtype=torch.float64).div_(rows.shape[0]).float()
-    rows.sub_(mean)
-    return offset + mean.double()
-
-
 # --------------------------------------------------------------------------------------------
 # Metric formulas on features in memory
 # --------------------------------------------------------------------------------------------
@@ -288,20 +276,24 @@ class ConsistencyStatistics:
 
     * ``l2``, ``cosine``, ``correlation``: per-channel first and second moments and the cross
       product ``sum_n a_ni b_nj``, of data shifted by a per-channel constant (the first batch's
-      mean, see :func:`_channel_offset`). Shifting keeps the sums well conditioned when features
-      have mean ≫ std. The per-channel sums are float64. The cross product is one float32 matrix
-      product ``XᵀY`` per block of samples (see Memory) of the block's samples centred on their
-      own mean; its offsets are added back in float64 algebra into the float64 sum, so the
-      float32 rounding scales with the spread within a block, whatever the shift or the batch
-      sizes (a 1-sample first batch, class-sorted data). Every metric is derived from the sums in
-      float64. The float32 product limits the precision of an L2 distance between near-identical
-      channels to ~1e-7 of the channel norms (at N=50k, c=256 the largest errors against float64
-      are ~2e-8 for correlation/cosine and ~1e-7 relative for kl).
+      mean, see :func:`_channel_offset`), all float64. Shifting keeps the sums well conditioned
+      when features have mean ≫ std. Each block of ``k`` samples (see Memory) adds to the cross
+      product its centred product, one float32 matrix product ``XᵀY`` of its samples minus their
+      block mean, plus ``k d_t d_sᵀ`` for its exact float64 block means ``d`` (the pairwise
+      co-moment update of Chan et al.). So the float32 rounding scales with the spread within a
+      block, not with how far the block means lie from the shift, and the result does not depend
+      on the batch sizes (a 1-sample first batch, class-sorted batches) beyond float64 rounding.
+      Every metric is derived from the sums in float64. The float32 products limit the precision
+      of an L2 distance between near-identical channels to ~1e-7 of the channel norms, and of a
+      correlation or cosine to ~1e-7..5e-7 absolute for a few hundred samples in one block (at
+      N=50k, c=256 the largest errors against float64 are ~2e-8 for correlation/cosine, ~1e-8
+      relative for l2 and ~3e-8 relative for kl).
     * ``kl``: a streaming log-sum-exp per channel on the shifted data (a softmax over samples is
       shift invariant): for teacher channel i the running maximum ``m_i``,
       ``Z_i = sum exp(a_ni - m_i)`` and ``U_i = sum exp(a_ni - m_i) a_ni``; for student channel j
       ``m'_j`` and ``Z'_j`` (all float64, per batch); and ``V_ij = sum_n exp(a_ni - m_i) b_nj``
-      (one float32 matrix product per block, its rows rescaled in float64 when a maximum grows).
+      (one float32 matrix product per block on its centred samples, their offset added with the
+      block's float64 Z; its rows rescaled in float64 when a maximum grows).
       Then ``KL_ij = (U_i - V_ij) / Z_i - (m_i + log Z_i) + (m'_j + log Z'_j)``.
     * ``l1``: no sufficient statistic exists, so ``sum_n |a_ni - b_nj|`` is accumulated exactly
       with float64 ``torch.cdist(p=1)`` per batch, in chunks of teacher channels that bound the
@@ -342,13 +334,17 @@ class ConsistencyStatistics:
         self.device = torch.device(device)
         self.n = 0
         self._state = self._empty_state()
-        # Samples waiting for the next block product, rows [0, _fill): float32 features minus the
-        # block reference _ref_t / _ref_s (float64, the block's first sample).
+        # Samples waiting for the next block product, rows [0, _fill): float32 shifted features
+        # minus the block's reference _ref (its first one). Float64 per block: _block_sum, the sum
+        # of its shifted samples; _block_z, its teacher Z for kl (see _flush).
         self._rows_t: Tensor | None = None
         self._rows_s: Tensor | None = None
-        self._ref_t = torch.zeros(c_t, dtype=torch.float64, device=self.device)
-        self._ref_s = torch.zeros(c_s, dtype=torch.float64, device=self.device)
         self._fill = 0
+        vector = dict(dtype=torch.float64, device=self.device)
+        self._ref_t, self._ref_s = torch.zeros(c_t, **vector), torch.zeros(c_s, **vector)
+        self._block_sum_t = torch.zeros(c_t, **vector)
+        self._block_sum_s = torch.zeros(c_s, **vector)
+        self._block_z = torch.zeros(c_t, **vector)
         # Block length: 2 c_T c_S / (c_T + c_S) * 2 rows keeps the buffer within two c_T x c_S
         # float64 matrices; 512..2048 rows make the float64 additions of the products cheap.
         self._block_rows = min(_BLOCK_ROWS[1],
@@ -425,36 +421,45 @@ class ConsistencyStatistics:
     def _add_piece(self, x_t: Tensor, x_s: Tensor) -> None:
         """Per-channel float64 statistics of a few samples; buffer them for the block product.
 
-        The buffer holds the samples minus the block reference, the block's first sample: small
-        values whatever the shift, so rounding them to float32 loses little.
+        The buffer holds the shifted samples minus the block's reference, its first sample: values
+        of the spread within the block whatever the shift, so rounding them to float32 loses little.
         """
         st, k = self._state, x_t.shape[0]
-        if self._fill == 0:
-            self._ref_t.copy_(x_t[0])
-            self._ref_s.copy_(x_s[0])
         a = _scratch("a", (k, self.c_t), torch.float64, self.device)
         b = _scratch("b", (k, self.c_s), torch.float64, self.device)
         a.copy_(x_t).sub_(st["shift_t"])
         b.copy_(x_s).sub_(st["shift_s"])
+        if self._fill == 0:  # a new block
+            self._ref_t.copy_(a[0])
+            self._ref_s.copy_(b[0])
+            for block in (self._block_sum_t, self._block_sum_s, self._block_z):
+                block.zero_()
+        sum_t, sum_s = a.sum(0), b.sum(0)
+        self._block_sum_t.add_(sum_t)
+        self._block_sum_s.add_(sum_s)
         if self._moments:
-            for x, total, squares in ((a, "sum_t", "sq_t"), (b, "sum_s", "sq_s")):
-                st[total].add_(x.sum(0))
+            st["sum_t"].add_(sum_t)
+            st["sum_s"].add_(sum_s)
+            for x, squares in ((a, "sq_t"), (b, "sq_s")):
                 work = _scratch("work", tuple(x.shape), torch.float64, self.device)
                 st[squares].add_(torch.mul(x, x, out=work).sum(0))
         if "kl" in self.metrics:
-            for x, top, z, u in ((a, "max_t", "z_t", "u_t"), (b, "max_s", "z_s", None)):
+            for x, top, zs, u in ((a, "max_t", (st["z_t"], self._block_z), st["u_t"]),
+                                  (b, "max_s", (st["z_s"],), None)):
                 new = torch.maximum(st[top], x.amax(0))
-                for key in (z, u) if u else (z,):
-                    _rescale_rows(st[key], st[top] - new)
+                for total in zs if u is None else (*zs, u):
+                    _rescale_rows(total, st[top] - new)
                 st[top].copy_(new)
                 weights = _scratch("work", tuple(x.shape), torch.float64, self.device)
                 torch.sub(x, new, out=weights).exp_()
-                st[z].add_(weights.sum(0))
-                if u:
-                    st[u].add_(weights.mul_(x).sum(0))
+                z = weights.sum(0)
+                for total in zs:
+                    total.add_(z)
+                if u is not None:
+                    u.add_(weights.mul_(x).sum(0))
         self._reserve(self._fill + k)
-        self._rows_t[self._fill:self._fill + k].copy_(a.copy_(x_t).sub_(self._ref_t))
-        self._rows_s[self._fill:self._fill + k].copy_(b.copy_(x_s).sub_(self._ref_s))
+        torch.sub(a, self._ref_t, out=self._rows_t[self._fill:self._fill + k])
+        torch.sub(b, self._ref_s, out=self._rows_s[self._fill:self._fill + k])
         self._fill += k
 
     def _reserve(self, rows: int) -> None:
@@ -474,37 +479,39 @@ class ConsistencyStatistics:
     def _flush(self) -> None:
         """Multiply the buffered samples into the matrix sums and empty the buffer.
 
-        The rows are first centred on their own mean (in float32, by the float32-rounded mean), so
-        the float32 products see only the spread within the block. With ``o = ref - shift + mean``
-        (float64) the shifted samples are exactly ``rows + o``, and the products are put back in
-        the state's shift by float64 algebra on ``o``.
+        The rows are first centred on their block mean (exact in float64 from the block sums,
+        subtracted in float32), so the float32 products see only the spread within the block. The
+        cross product gains that centred product plus ``k mean_t mean_sᵀ`` for the exact float64
+        block means of the shifted samples. The float32 rows do not depend on the shift (beyond
+        float64 rounding), which enters only float64 terms: the result does not depend on how the
+        samples were batched.
         """
         k = self._fill
         if k == 0:
             return
         st = self._state
         a, b = self._rows_t[:k], self._rows_s[:k]
-        offset_t = _recenter_(a, self._ref_t - st["shift_t"])
-        offset_s = _recenter_(b, self._ref_s - st["shift_s"])
+        mean_t, mean_s = self._block_sum_t / k, self._block_sum_s / k  # of the shifted samples
+        center_t, center_s = (mean_t - self._ref_t).float(), (mean_s - self._ref_s).float()
+        a.sub_(center_t)
+        b.sub_(center_s)
         if self._moments:
-            # sum (a + o_t)(b + o_s)ᵀ = aᵀb + o_t (sum b + k o_s)ᵀ + (sum a) o_sᵀ; the float32
-            # rows sum to nearly, not exactly, zero.
-            sum_a, sum_b = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
             self._add_product(st["cross"], a, b)
-            st["cross"].addr_(offset_t, sum_b.add_(offset_s, alpha=k)).addr_(sum_a, offset_s)
+            st["cross"].addr_(mean_t, mean_s, alpha=k)
         if "kl" in self.metrics:
             top = st["max_t"]
             _rescale_rows(st["v"], self._v_max - top)
-            # Weights exp(a + o_t - m): float32 exp(a - fl(m - o_t)) (about <= 1), times the
-            # float64 factor exp(fl(m - o_t) - (m - o_t)) that puts them back against the exact
-            # maxima m. Then V += sum_n w (b + o_s) = wᵀb + (sum_n w) o_sᵀ.
+            # The rows stand for the shifted samples minus o: a + o_t = x_t - shift_t. Weights
+            # exp(a + o_t - m) are float32 exp(a - fl(m - o_t)) (about <= 1) times the float64
+            # factor exp(fl(m - o_t) - (m - o_t)) that puts them against the exact maxima m.
+            # Then V += sum_n w (b + o_s) = wᵀb + Z o_sᵀ, with the block's exact float64 Z.
+            offset_t = self._ref_t + center_t.double()
+            offset_s = self._ref_s + center_s.double()
             limit = top - offset_t
             limit32 = limit.float()
-            scale = torch.exp(limit32.double() - limit)
             a.sub_(limit32).exp_()  # the buffer is spent: overwrite it with the weights
-            weight_sums = a.sum(0, dtype=torch.float64).mul_(scale)
-            self._add_product(st["v"], a, b, row_scale=scale)
-            st["v"].addr_(weight_sums, offset_s)
+            self._add_product(st["v"], a, b, row_scale=torch.exp(limit32.double() - limit))
+            st["v"].addr_(self._block_z, offset_s)
             self._v_max.copy_(top)
         self._fill = 0
 
