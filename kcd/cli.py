@@ -330,8 +330,11 @@ def cmd_config(args: argparse.Namespace) -> None:
         run = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", *rest],
                              capture_output=True, text=True, env=env)
         if run.returncode != 0:
-            lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
-            raise KcdError("the dry run failed: " + (lines[-1] if lines else "no output"))
+            lines = [line.strip() for line in (run.stdout + "\n" + run.stderr).splitlines()
+                     if line.strip() and not line.startswith("Using ")]
+            errors = [line for line in lines if "error" in line.lower()]
+            raise KcdError("the dry run failed: " + ((errors or lines)[-1] if lines
+                                                     else "no output"))
         cfg = yaml.safe_load(resolved.read_text()) if resolved.is_file() else None
     jobs = parse_dry_run(run.stdout + run.stderr)
     if cfg is not None and not jobs_only:

@@ -280,3 +280,33 @@ def test_both_ways_resolve_to_the_same_specs(dry_runs):
 
     assert key(dry_runs["profile"][0]) == key(dry_runs["configfile"][0])
     assert len(dry_runs["profile"][0]) > 100
+
+
+def test_kcd_config_show_lists_each_job_of_the_profile_run(tmp_path):
+    site = _site(tmp_path)
+    (tmp_path / "config").symlink_to(REPO / "config")
+    (tmp_path / "slurm").symlink_to(REPO / "slurm")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    nowhere = subprocess.run([sys.executable, "-m", "kcd.cli", "config", "show", "-n"],
+                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert nowhere.returncode == 2 and "Snakefile" in nowhere.stderr  # says what is missing
+    (tmp_path / "workflow").symlink_to(REPO / "workflow")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    show = subprocess.run([sys.executable, "-m", "kcd.cli", "config", "show", "--profile",
+                           "slurm", "results/table8.csv", "--configfile", str(site)],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert show.returncode == 0, show.stderr[-3000:]
+    out = show.stdout
+    assert "# resolved config (scale paper)" in out and "partition: gpu" in out
+    assert "# 33 jobs, 27 of them on GPUs" in out
+    lines = [line.split() for line in out.splitlines() if line.lstrip().startswith("distill")]
+    assert len(lines) == 22
+    assert all(line[-1] == "32" for line in lines)  # gpus, and an empty limits column
+    wrong = subprocess.run([sys.executable, "-m", "kcd.cli", "config", "show", "--configfile",
+                            "config/paper.yaml", "results/table8.csv"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        "kcd: error: config file results/table8.csv does not exist; if it is a target, put "
+        "targets before --configfile or end its list with --"]
