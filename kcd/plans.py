@@ -8,6 +8,7 @@ DAG's content is testable without Snakemake (``tests/test_plans.py``).
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from kcd.config import (
@@ -402,8 +403,6 @@ class Plans:
 
     def launch_args(self, rule: str, name: str, ds: str | None = None) -> list[str]:
         """The arguments of ``python -m kcd.launch ... --`` for a heavy rule's job."""
-        import json
-
         res = self.resources(rule, ds)
         launcher = self.cfg.get("launcher", {})
         args = ["--launcher", launcher.get("kind", "local"), "--name", f"kcd-{name}",
