@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kcd.errors import KcdError
 from kcd.layout import Layout
 from kcd.plans import Plans
 
@@ -114,7 +115,8 @@ def test_table_inputs_and_the_gathered_page(demo):
     assert demo.plan_inputs(plan) == ["res/imagenet/analysis/feature_consistency.json"]
     assert demo.gathered_parts()[-1] == "res/figure1.png"
     assert demo.gathered_parts()[:2] == ["res/table1.md", "res/table2.md"]
-    with pytest.raises(Exception, match="table 12 is not configured"):
+    with pytest.raises(KcdError, match="table 12 is not configured; configured: 1, 2, 3, 4, 5, "
+                                       "6, 7, 8, 9, 10, 11"):
         demo.table_plan(12)
 
 
