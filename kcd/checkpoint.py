@@ -14,10 +14,10 @@ import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from kcd.errors import KcdError
+
+# torch and numpy are imported where they are used: the atomic text/JSON writers serve light
+# callers (the workflow's parse, the tables) that must not pay for importing torch.
 
 
 def _alive(pid: int) -> bool:
@@ -70,6 +70,8 @@ def atomic_write_with(path: str | os.PathLike, write) -> Path:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically."""
+    import torch
+
     return _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -85,9 +87,9 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 def _json_default(o: Any):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, torch.Tensor) and o.numel() == 1:
+    if type(o).__module__ == "numpy" and hasattr(o, "item") and getattr(o, "ndim", 1) == 0:
+        return o.item()  # numpy scalars
+    if type(o).__name__ == "Tensor" and type(o).__module__.startswith("torch") and o.numel() == 1:
         return o.item()
     if isinstance(o, Path):
         return str(o)
@@ -99,6 +101,8 @@ def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     path = Path(path)
     if not path.is_file():
         raise KcdError(f"{what} {path} does not exist; run the step that writes it first")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, pickled code objects...
@@ -132,6 +136,9 @@ def load_model_weights(path: str | os.PathLike, arch: str, what: str = "weights"
 
 def rng_state() -> dict:
     """Every RNG state a training process uses (torch CPU/CUDA, numpy, python)."""
+    import numpy as np
+    import torch
+
     state = {
         "torch": torch.get_rng_state(),
         "numpy": _numpy_state_to_tensors(np.random.get_state()),
@@ -144,6 +151,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     """Restore what :func:`rng_state` captured."""
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
     random.setstate(_python_state_from_tensors(state["python"]))
@@ -154,6 +164,9 @@ def set_rng_state(state: dict) -> None:
 # numpy/python RNG states hold tuples of ints and arrays; store them as tensors so that the
 # checkpoint stays loadable with weights_only=True.
 def _numpy_state_to_tensors(st) -> dict:
+    import numpy as np
+    import torch
+
     name, keys, pos, has_gauss, cached = st
     return {
         "name": name,
@@ -165,11 +178,15 @@ def _numpy_state_to_tensors(st) -> dict:
 
 
 def _numpy_state_from_tensors(d: dict):
+    import numpy as np
+
     keys = d["keys"].numpy().astype(np.uint32)
     return (d["name"], keys, d["pos"], d["has_gauss"], d["cached"])
 
 
 def _python_state_to_tensors(st) -> dict:
+    import torch
+
     version, internal, gauss = st
     return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
 

@@ -9,7 +9,6 @@ started by hand and one started by the DAG are the same run.
 from __future__ import annotations
 
 import copy
-import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,8 +27,27 @@ def schema() -> dict:
     global _SCHEMA
     if _SCHEMA is None:
         text = resources.files("kcd").joinpath("schemas/config.schema.yaml").read_text()
-        _SCHEMA = yaml.safe_load(text)
+        _SCHEMA = _with_registry_names(yaml.safe_load(text))
     return _SCHEMA
+
+
+def _with_registry_names(s: dict) -> dict:
+    """The schema's names come from the registries (:mod:`kcd.naming`, :mod:`kcd.data`):
+    the KCD transform's strategies and metrics, the statistics' metrics."""
+    from kcd.naming import MATCHED_STRATEGIES, METRIC_NAMES
+
+    props = s["properties"]
+    props["kcd_transform"]["pattern"] = (
+        f"^({'|'.join(MATCHED_STRATEGIES)})-({'|'.join(METRIC_NAMES)})$")
+    props["statistics"]["properties"]["metrics"]["items"] = {"enum": list(METRIC_NAMES)}
+    return s
+
+
+def kcd_metric(cfg: dict) -> str:
+    """The consistency metric of the configured KCD transform (``kcd_transform``)."""
+    from kcd.naming import parse_transform_name
+
+    return parse_transform_name(cfg.get("kcd_transform", "bipartite-correlation")).metric
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -206,15 +224,15 @@ def validate_config(cfg: dict) -> dict:
     from kcd.tables import COMPARISON_ROWS
 
     for name, m in cfg.get("methods", {}).items():
-        accepted = LOSSES.get(name).default_options
+        accepted = LOSSES.get(name).options
         for opt in m.get("options", {}):
             if opt not in accepted:
                 raise KcdError(f"config key methods.{name}.options.{opt}: unknown option; "
                                f"accepted: {', '.join(accepted) or 'none'}")
-    kcd_metric = cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]
+    metric = kcd_metric(cfg)
     metrics = cfg.get("statistics", {}).get("metrics", ["correlation"])
-    if kcd_metric not in metrics:
-        raise KcdError(f"config key kcd_transform: its metric '{kcd_metric}' is not among "
+    if metric not in metrics:
+        raise KcdError(f"config key kcd_transform: its metric '{metric}' is not among "
                        f"statistics.metrics ({', '.join(metrics)})")
 
     for name, table in cfg.get("tables", {}).items():
@@ -320,7 +338,7 @@ def _validate_detection(cfg: dict) -> None:
     d = cfg.get("detection")
     if not d:
         return
-    from kcd.detection import BACKBONES
+    from kcd.models import DETECTOR_BACKBONES as BACKBONES
 
     _known_dataset(cfg, d["dataset"], "detection.dataset")
     for i, b in enumerate([d["teacher"], *d["students"]]):
@@ -376,7 +394,7 @@ def detection_statistics_args(cfg: dict, *, teacher: str, teacher_weights: str, 
                               student_weights: str, out: str) -> dict:
     """The keyword arguments of :func:`kcd.detection.detection_statistics` (JSON-ready)."""
     d = _detection(cfg)
-    metric = cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]
+    metric = kcd_metric(cfg)
     return {"teacher": teacher, "teacher_weights": teacher_weights, "student": student,
             "student_weights": student_weights, "data": data_spec(cfg, d["dataset"]).__dict__,
             "num_classes": num_classes(cfg, d["dataset"]), "out": out,
@@ -384,16 +402,11 @@ def detection_statistics_args(cfg: dict, *, teacher: str, teacher_weights: str, 
             "metrics": [metric], "batch_size": int(d.get("statistics_batch_size", 8))}
 
 
-@functools.lru_cache(maxsize=None)
 def model_channels(arch: str) -> int:
-    """Channels of ``arch``'s distilled layer (its default layer), from a tiny forward pass."""
-    from kcd.features import feature_shapes
-    from kcd.models import build_model, model_spec
+    """Channels of ``arch``'s distilled layer (its default layer), from the model registry."""
+    from kcd.models import model_spec
 
-    spec = model_spec(arch)
-    size = 32 if spec.family == "cifar" else 64
-    shapes = feature_shapes(build_model(arch, 10), [spec.default_layer], size)
-    return int(shapes[spec.default_layer][0])
+    return model_spec(arch).channels
 
 
 def _known_model(name: str, key: str) -> None:
@@ -543,7 +556,7 @@ def statistics_spec(
                 layers[1] or model_spec(student).default_layer],
         data=data_spec(cfg, dataset), num_classes=num_classes(cfg, dataset), out=out,
         metrics=list(metrics or st.get("metrics", ["correlation"])), groups=list(groups or []),
-        group_metrics=[cfg.get("kcd_transform", "bipartite-correlation").rsplit("-", 1)[-1]],
+        group_metrics=[kcd_metric(cfg)],
         batch_size=int(st.get("batch_size", 256)),
         max_images=st.get("max_images"),
     )

@@ -20,6 +20,13 @@ A distillation run's folder names the transform it uses (``runs/<T>-s<t>__<S>/<m
 ``...+dyn``
     recomputed every E iterations during distillation from the student's recorded features
     (Table 5's Dynamic; the name is the transform it starts from).
+
+The strategies and metrics are named here, once, with their table labels (:data:`STRATEGIES`,
+:data:`METRICS`): this module imports no torch, so the workflow's wildcard constraints, the
+config checks and the tables derive from it without importing the implementations. Each name
+has one implementation, registered under the same name: the matching in
+:data:`kcd.transforms.STRATEGIES`, the formulas in :data:`kcd.consistency.METRICS` (each
+checks on import that it implements exactly the names listed here).
 """
 from __future__ import annotations
 
@@ -27,12 +34,48 @@ import re
 from dataclasses import dataclass
 
 from kcd.errors import KcdError
+from kcd.registry import Registry
 
 NO_TRANSFORM = "none"
-MATCHED_STRATEGIES = ("identity", "random", "greedy", "bipartite")  # from statistics
-LEARNED_STRATEGIES = ("subnet-fc", "subnet-res")  # trained on the pair's features
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A transform strategy's name, its label in the tables, and whether it is learned from
+    the pair's features (a sub-network) rather than matched on a consistency matrix."""
+
+    name: str
+    label: str
+    learned: bool = False
+
+
+STRATEGIES: Registry[Strategy] = Registry("transform strategy")
+for _s in (Strategy("identity", "Identity"), Strategy("random", "Random Transformation"),
+           Strategy("bipartite", "Bipartite"), Strategy("greedy", "Greedy"),
+           Strategy("subnet-fc", "Sub-net-FC", learned=True),
+           Strategy("subnet-res", "Sub-net-Res", learned=True)):
+    STRATEGIES.register(_s.name, _s)
+
+METRICS: Registry[str] = Registry("consistency metric")  # name -> its label in the tables
+for _name, _label in (("l1", "L1"), ("l2", "L2"), ("cosine", "Cosine"),
+                      ("correlation", "Correlation"), ("kl", "KL Divergence")):
+    METRICS.register(_name, _label)
+
+MATCHED_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if not s.learned)  # on statistics
+LEARNED_STRATEGIES = tuple(n for n, s in STRATEGIES.items() if s.learned)  # on features
 STRATEGY_NAMES = MATCHED_STRATEGIES + LEARNED_STRATEGIES
-METRIC_NAMES = ("l1", "l2", "correlation", "cosine", "kl")
+METRIC_NAMES = tuple(METRICS)
+
+
+def check_implemented(kind: str, names: Registry[str] | tuple[str, ...],
+                      implemented: list[str] | tuple[str, ...], home: str) -> None:
+    """Refuse a registry of implementations that is not exactly the names listed here."""
+    missing, extra = set(names) - set(implemented), set(implemented) - set(names)
+    if missing or extra:
+        raise KcdError(f"{home} implements {kind}s {sorted(implemented)} but kcd/naming.py "
+                       f"names {sorted(names)}; register each {kind} in both")
+
+
 SOURCES = ("init-s", "init-t", "init-st")
 
 _PATTERN = re.compile(

@@ -31,6 +31,7 @@ from kcd.tables import (
     KCD,
     ablation_rows,
     comparison_row,
+    overlap_column,
     row_label,
 )
 
@@ -289,11 +290,9 @@ class Plans:
                 "scale": self.cfg["scale"]}
 
     def overlap_plan(self, n: int = 10) -> dict:
-        from kcd.analysis.overlap import column_name
-
         ds, teacher, student = self.ablation_setting()
         spec = self.overlap_spec()
-        columns = [column_name(k) for k in spec["ks"]]
+        columns = [overlap_column(k) for k in spec["ks"]]
         rows = [{"label": label, "paper": [["models", label]],
                  "cells": {c: [{"path": spec["out"], "keys": [label, c]}] for c in columns}}
                 for label, _, _ in spec["pairs"]]

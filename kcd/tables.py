@@ -22,16 +22,17 @@ from importlib import resources
 from io import StringIO
 from pathlib import Path
 from statistics import mean, stdev
-from typing import Any, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Sequence
 
 from kcd.checkpoint import atomic_write_text
 from kcd.errors import KcdError
+from kcd.naming import METRICS, NO_TRANSFORM, STRATEGIES, parse_transform_name
 from kcd.registry import Registry
 
+if TYPE_CHECKING:  # pandas is imported where tables are built, not when plans are read
+    import pandas as pd
+
 KCD = "<kcd>"  # placeholder for the configured KCD transform in row definitions
-NO_TRANSFORM = "none"
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,11 @@ ABLATION_TITLES = {
     6: "number K of per-class transforms",
 }
 ABLATIONS: Registry = Registry("ablation table")
-_METRIC_LABELS = {"l1": "L1", "l2": "L2", "cosine": "Cosine", "correlation": "Correlation",
-                  "kl": "KL Divergence"}
-_STRATEGY_LABELS = {"random": "Random Transformation", "bipartite": "Bipartite",
-                    "greedy": "Greedy", "subnet-fc": "Sub-net-FC", "subnet-res": "Sub-net-Res"}
 
 
 def _split(kcd_transform: str) -> tuple[str, str]:
-    strategy, metric = kcd_transform.rsplit("-", 1)
-    return strategy, metric
+    name = parse_transform_name(kcd_transform)
+    return name.strategy, name.metric
 
 
 ABLATION_BASELINE = "fitnets"
@@ -133,8 +130,11 @@ def _baseline(label: str, paper: tuple[tuple[str, Any], ...]) -> AblationRow:
 def _table1(kcd_transform: str, **_: Any) -> list[AblationRow]:
     _, metric = _split(kcd_transform)
     rows = [_baseline("Baseline", (("row", "Baseline"),))]
-    for strategy, label in _STRATEGY_LABELS.items():
-        rows.append(AblationRow(label, "l2", f"{strategy}-{metric}", paper=(("row", label),)))
+    for strategy in STRATEGIES.values():
+        if strategy.name == "identity":  # needs equal channel counts; not a row of the paper
+            continue
+        rows.append(AblationRow(strategy.label, "l2", f"{strategy.name}-{metric}",
+                                paper=(("row", strategy.label),)))
     return rows
 
 
@@ -142,7 +142,7 @@ def _table1(kcd_transform: str, **_: Any) -> list[AblationRow]:
 def _table2(kcd_transform: str, **_: Any) -> list[AblationRow]:
     strategy, _ = _split(kcd_transform)
     return [AblationRow(label, "l2", f"{strategy}-{metric}", paper=(("row", label),))
-            for metric, label in _METRIC_LABELS.items()]
+            for metric, label in METRICS.items()]
 
 
 @ABLATIONS.register("3")
@@ -242,8 +242,16 @@ def ablation_rows(number: int, kcd_transform: str, **params: Any) -> list[Ablati
     return ABLATIONS.get(str(number))(kcd_transform, **params)
 
 
+def overlap_column(k: int | float) -> str:
+    """Table 10's column of a top-``k``: ``top10`` for a count, ``top5%`` for the fraction
+    0.05."""
+    return f"top{k * 100:g}%" if isinstance(k, float) else f"top{k}"
+
+
 def paper_table(number: int) -> pd.DataFrame:
     """The paper's Table ``number`` from the project's copy."""
+    import pandas as pd
+
     path = resources.files("kcd").joinpath(f"paper/table{number}.csv")
     if not path.is_file():
         raise KcdError(f"no copy of the paper's table {number} in kcd/paper/")
@@ -283,6 +291,8 @@ def _paper_value(paper: pd.DataFrame, match: Sequence[Sequence[Any]], column: st
     (``paper_value``) and, when the paper lists our columns as rows, the csv column that
     holds our column names (``paper_column_key``).
     """
+    import pandas as pd
+
     sel = paper
     for key, value in match:
         if key not in sel:
@@ -303,6 +313,8 @@ def _row_match(row: dict[str, Any]) -> list:
 
 def build_table(plan: dict[str, Any]) -> pd.DataFrame:
     """Aggregate a plan's results into a DataFrame (one line per row)."""
+    import pandas as pd
+
     number = int(plan["table"])
     metric = plan.get("metric", "top1")
     paper = paper_table(number)

@@ -103,3 +103,15 @@ def test_bad_depth() -> None:
 
     with pytest.raises(KcdError, match="6n\\+2"):
         CifarResNet(21)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_registry_channels_match_the_built_model(name: str) -> None:
+    """The registry's light channel table (read by config validation without torch) is what
+    a forward pass of the built model gives at its distillation layer."""
+    from kcd.features import feature_shapes
+
+    spec = model_spec(name)
+    size = 32 if spec.family == "cifar" else 64
+    shapes = feature_shapes(build_model(name, 10), [spec.default_layer], size)
+    assert shapes[spec.default_layer][0] == spec.channels

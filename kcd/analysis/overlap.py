@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
+from kcd.tables import overlap_column as column_name
 
 Batches = Iterable[tuple[Tensor, Tensor]]
 
@@ -136,11 +137,6 @@ def resolve_k(k: int | float, channels: int) -> int:
     if count > channels:
         raise KcdError(f"top-k k={k} exceeds the channel count {channels}; choose k <= {channels}")
     return count
-
-
-def column_name(k: int | float) -> str:
-    """Table column of a ``k``: ``top10`` for a count, ``top5%`` for the fraction 0.05."""
-    return f"top{k * 100:g}%" if isinstance(k, float) else f"top{k}"
 
 
 def _topk_mask(x: Tensor, k: int) -> Tensor:

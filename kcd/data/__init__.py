@@ -1,45 +1,60 @@
-"""Data: the paper's datasets from local folders, synthetic demo data, and a fast tensor loader."""
-from kcd.data.datasets import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    CIFAR_READERS,
-    DATASETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CheckedCocoDetection,
-    CIFARUnpickler,
-    LocalCIFAR10,
-    LocalCIFAR100,
-    build_dataset,
-    check_num_classes,
-    coco_target_to_tensors,
-    load_cifar_pickle,
-    num_classes,
-)
-from kcd.data.demo import DemoSizes, write_demo_data
-from kcd.data.loader import TensorDataLoader
+"""Data: the paper's datasets from local folders, synthetic demo data, and a fast tensor loader.
 
-__all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "CIFAR_READERS",
-    "CIFARUnpickler",
-    "DATASETS",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "CheckedCocoDetection",
-    "DemoSizes",
-    "LocalCIFAR10",
-    "LocalCIFAR100",
-    "TensorDataLoader",
-    "build_dataset",
-    "check_num_classes",
-    "coco_target_to_tensors",
-    "load_cifar_pickle",
-    "num_classes",
-    "write_demo_data",
-]
+:data:`DATASETS` is the one list of dataset names, each with its task and where its builder
+lives. It imports no torch, so the workflow validates a config and chooses rules by task
+without it; the readers in :mod:`kcd.data.datasets` are loaded when a dataset is built. The
+other names below are importable from ``kcd.data`` and loaded on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from kcd.registry import Registry
+
+TASKS = ("classification", "detection")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: its name, its task and its builder (``"module:function"``
+    taking ``(root, split, train_transform, image_size, download)``)."""
+
+    name: str
+    builder: str
+    task: Literal["classification", "detection"]
+
+    def build(self, *args: Any) -> Any:
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(module), function)(*args)
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+for _name, _task in (("cifar10", "classification"), ("cifar100", "classification"),
+                     ("imagenet", "classification"), ("coco", "detection")):
+    DATASETS.register(_name, DatasetSpec(_name, f"kcd.data.datasets:{_name}_dataset", _task))
+
+
+def datasets_of_task(task: str) -> list[str]:
+    """The registered datasets of ``task`` (``"classification"`` or ``"detection"``)."""
+    return [name for name, spec in DATASETS.items() if spec.task == task]
+
+
+_EXPORTS = {
+    **dict.fromkeys((
+        "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_READERS",
+        "IMAGENET_MEAN", "IMAGENET_STD", "CheckedCocoDetection", "CIFARUnpickler",
+        "LocalCIFAR10", "LocalCIFAR100", "build_dataset", "check_num_classes",
+        "coco_target_to_tensors", "load_cifar_pickle", "num_classes"), "datasets"),
+    "DemoSizes": "demo", "write_demo_data": "demo", "TensorDataLoader": "loader",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"kcd.data.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'kcd.data' has no attribute '{name}'")
+
+
+__all__ = ["DATASETS", "DatasetSpec", "TASKS", "datasets_of_task", *_EXPORTS]

@@ -1,7 +1,7 @@
 """The datasets of the paper, read from local folders in their standard on-disk formats.
 
-``DATASETS`` maps a name to a builder ``(root, split, train_transform, image_size, download)``;
-:func:`build_dataset` looks one up and turns format problems into one-line :class:`KcdError`\\ s.
+:data:`kcd.data.DATASETS` maps a name to its builder here ``(root, split, train_transform,
+image_size, download)`` and its task; :func:`build_dataset` looks one up and turns format problems into one-line :class:`KcdError`\\ s.
 
 ========  =================================  ======================  ==========================
 name      ``root`` contains                  splits                  item
@@ -37,7 +37,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, CocoDetection, ImageFolder
 from torchvision.datasets.vision import VisionDataset
 
 from kcd.errors import KcdError
-from kcd.registry import Registry
+from kcd.data import DATASETS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -48,8 +48,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_IMAGE_SIZE = 224
 
-DatasetBuilder = Callable[[Path, str, bool, int | None, bool], Dataset]
-DATASETS: Registry[DatasetBuilder] = Registry("dataset")
 
 
 def build_dataset(
@@ -76,7 +74,7 @@ def build_dataset(
         )
     if train_transform is None:
         train_transform = split == "train"
-    return builder(root, split, train_transform, image_size, download)
+    return builder.build(root, split, train_transform, image_size, download)
 
 
 def num_classes(name: str, root: str | os.PathLike) -> int:
@@ -433,16 +431,14 @@ def _cifar(
     )
 
 
-@DATASETS.register("cifar10")
-def _cifar10(
+def cifar10_dataset(
     root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
 ) -> LocalCIFAR10:
     """CIFAR-10 train or test split (``val`` means ``test``); ``image_size`` does not apply."""
     return _cifar("cifar10", root, split, train_transform, download)  # type: ignore[return-value]
 
 
-@DATASETS.register("cifar100")
-def _cifar100(
+def cifar100_dataset(
     root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
 ) -> LocalCIFAR100:
     """CIFAR-100 train or test split (``val`` means ``test``); ``image_size`` does not apply."""
@@ -466,8 +462,7 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir()) if folder.is_dir() else []
 
 
-@DATASETS.register("imagenet")
-def _imagenet(
+def imagenet_dataset(
     root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
 ) -> ImageFolder:
     """An ImageNet-style ``ImageFolder`` split; ``image_size`` defaults to 224."""
@@ -580,8 +575,7 @@ def coco_target_to_tensors(
     }
 
 
-@DATASETS.register("coco")
-def _coco(
+def coco_dataset(
     root: Path, split: str, train_transform: bool, image_size: int | None, download: bool
 ) -> CheckedCocoDetection:
     """COCO 2017 detection: raw (PIL image, annotations) pairs; augmentation and resizing belong

@@ -25,22 +25,18 @@ without building one, and :func:`build_loss` refuses it with a message saying so
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, Sequence
 
 from kcd.errors import KcdError
-from kcd.losses.ab import ABLoss
-from kcd.losses.at import ATLoss
-from kcd.losses.base import DistillationLoss, DistillBatch
-from kcd.losses.fitnets import FitNetsLoss
-from kcd.losses.kd import KDLoss
-from kcd.losses.l2 import L2Loss
-from kcd.losses.rco import AnchorSchedule, RCOLoss
-from kcd.losses.rkd import RKDLoss
 from kcd.registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from kcd.losses.base import DistillationLoss
 
 BASELINE = "baseline"
 """The method name for training with cross-entropy only (no distillation loss)."""
@@ -48,12 +44,31 @@ BASELINE = "baseline"
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered distillation method: its loss class and the paper's default weight."""
+    """A registered distillation method: where its loss class lives, the paper's default
+    weight and the names of its options.
+
+    The registry is light (no torch), so the workflow validates a config's methods and
+    options without importing the losses; :attr:`cls` imports the class and checks that
+    ``options`` are the keyword-only arguments of its ``__init__``.
+    """
 
     name: str
-    cls: type[DistillationLoss]
+    loss: str  # "module:Class"
     default_weight: float
     description: str
+    options: tuple[str, ...] = ()
+
+    @property
+    def cls(self) -> type[DistillationLoss]:
+        module, name = self.loss.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        accepted = tuple(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        if accepted != self.options:
+            raise KcdError(f"distillation method '{self.name}': its registry entry declares "
+                           f"options {list(self.options)} but {self.loss} accepts "
+                           f"{list(accepted)}; make them agree in kcd/losses/__init__.py")
+        return cls
 
     @property
     def default_options(self) -> dict[str, Any]:
@@ -75,17 +90,43 @@ class MethodSpec:
 LOSSES: Registry[MethodSpec] = Registry("distillation method")
 
 
-def _register(cls: type[DistillationLoss], default_weight: float, description: str) -> None:
-    LOSSES.register(cls.method, MethodSpec(cls.method, cls, default_weight, description))
+def _register(name: str, loss: str, default_weight: float, description: str,
+              options: tuple[str, ...] = ()) -> None:
+    LOSSES.register(name, MethodSpec(name, f"kcd.losses.{loss}", default_weight, description,
+                                     options))
 
 
-_register(KDLoss, 16.0, "Hinton et al. KD: softened-logit KL to the teacher (T=4)")
-_register(FitNetsLoss, 1e2, "FitNets: L2 between regressed student feature and teacher feature")
-_register(ATLoss, 1e3, "Attention transfer: L2 between normalised spatial attention maps")
-_register(ABLoss, 10.0, "Activation boundaries: margin loss on pre-ReLU features via a connector")
-_register(RKDLoss, 10.0, "Relational KD: distance and angle relations between samples")
-_register(RCOLoss, 1e2, "Route-constrained optimisation: hint + KD to the current teacher anchor")
-_register(L2Loss, 1e2, "Ours: L2 between student feature and transformed teacher feature (Eq. 9)")
+_register("kd", "kd:KDLoss", 16.0, "Hinton et al. KD: softened-logit KL to the teacher (T=4)",
+          ("temperature", "t_squared"))
+_register("fitnets", "fitnets:FitNetsLoss", 1e2,
+          "FitNets: L2 between regressed student feature and teacher feature")
+_register("at", "at:ATLoss", 1e3,
+          "Attention transfer: L2 between normalised spatial attention maps", ("p",))
+_register("ab", "ab:ABLoss", 10.0,
+          "Activation boundaries: margin loss on pre-ReLU features via a connector",
+          ("margin", "throughout"))
+_register("rkd", "rkd:RKDLoss", 10.0,
+          "Relational KD: distance and angle relations between samples",
+          ("dist_weight", "angle_weight", "l2_weight"))
+_register("rco", "rco:RCOLoss", 1e2,
+          "Route-constrained optimisation: hint + KD to the current teacher anchor",
+          ("kd_weight", "temperature"))
+_register("l2", "l2:L2Loss", 1e2,
+          "Ours: L2 between student feature and transformed teacher feature (Eq. 9)")
+
+# The loss classes, importable from kcd.losses (loaded on first use: the registry above
+# must not import torch).
+_EXPORTS = {
+    "ABLoss": "ab", "ATLoss": "at", "FitNetsLoss": "fitnets", "KDLoss": "kd", "L2Loss": "l2",
+    "RCOLoss": "rco", "AnchorSchedule": "rco", "RKDLoss": "rkd", "DistillBatch": "base",
+    "DistillationLoss": "base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"kcd.losses.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'kcd.losses' has no attribute '{name}'")
 
 
 def build_loss(
