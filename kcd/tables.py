@@ -320,8 +320,9 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
     paper = paper_table(number)
     teacher_mean, _, _ = _aggregate(plan.get("teacher_results", []), metric)
     tp = plan.get("teacher_paper")
-    if tp:
-        teacher_paper = _paper_value(paper, tp["match"], tp["column"], {})
+    if tp:  # the paper may give the teacher in another table (the ablations': Table 8's)
+        teacher_source = paper_table(int(tp["table"])) if tp.get("table") else paper
+        teacher_paper = _paper_value(teacher_source, tp["match"], tp["column"], {})
     else:
         teacher_paper = (float(paper["teacher_top1"].iloc[0])
                          if "teacher_top1" in paper and len(paper) else None)
@@ -346,8 +347,28 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
             line[f"{column}_n"] = n
             line[f"{column}_paper"] = p
             line[f"{column}_diff"] = (m - p) if (p is not None and not math.isnan(m)) else None
+            line[f"{column}_runs"] = " ".join(_source_of(c) for c in row["cells"].get(column, []))
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+def _source_of(cell: str | dict) -> str:
+    """Where a cell's number comes from: a run's folder, or an analysis json and its keys."""
+    if isinstance(cell, str):
+        return str(Path(cell).parent)
+    return f"{cell['path']}#{'/'.join(map(str, cell['keys']))}"
+
+
+def tidy_csv(df: pd.DataFrame, plan: dict[str, Any]) -> str:
+    """The table as CSV to paste: numbers rounded (two more digits than the rendered table),
+    and per cell a ``_runs`` column naming the run folders (or analysis json and keys) it
+    was computed from."""
+    digits = int(plan.get("digits", 2)) + 2
+    out = df.copy()
+    for column in out.columns:
+        if out[column].dtype.kind == "f":
+            out[column] = out[column].round(digits)
+    return out.to_csv(index=False)
 
 
 def _missing(value: Any) -> bool:
@@ -395,23 +416,19 @@ def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
         out.append(f"Teacher {plan['teacher']} {metric_name(metric)}: ours "
                    f"{_fmt(t[f'teacher_{metric}'])}, paper {_fmt(t[f'teacher_{metric}_paper'])}.")
     if plan.get("description"):
-        out.append(plan["description"])
+        out.append(f"{plan['description']} Seeds per cell: {', '.join(map(str, seeds))}.")
     else:
         out.append(f"Dataset {plan['dataset']} at {plan.get('scale', 'demo')} scale; "
                    f"{metric_name(metric)}; seeds per cell: {', '.join(map(str, seeds))}; ours is "
                    "the mean (± sample std over seeds) of the final iterate of each run.")
-    if plan.get("scale", "demo") != "paper":
-        out.append("Demo scale: generated data and short recipes, so our numbers are not "
-                   "comparable with the paper's; with one seed, differences between rows "
-                   "of a few points are seed noise.")
+    caveat = scale_caveat(plan)
+    if caveat:
+        out.append(caveat)
     marks = {c: within_spread(df, c) for c in columns}
     if any(any(m) for m in marks.values()):
         out.append("≈: differs from the first row by less than the spread (sample std) of "
                    "its seeds.")
-    if df["note"].notna().any():
-        out.append("†: " + "; ".join(sorted({str(n) for n in df["note"].dropna()})) + ".")
-    for line in plan.get("legend", []):
-        out.append(line)
+    out += legend(df, plan)
     out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, (_, line) in enumerate(df.iterrows()):
         label = str(line["row"]) + (" †" if isinstance(line["note"], str) else "")
@@ -421,6 +438,22 @@ def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
                       _fmt(line[f"{c}_paper"], digits), _fmt(line[f"{c}_diff"], digits)]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def scale_caveat(plan: dict[str, Any]) -> str | None:
+    if plan.get("scale", "demo") == "paper":
+        return None
+    return ("Demo scale: generated data and short recipes, so our numbers are not comparable "
+            "with the paper's; with one seed, differences between rows of a few points are "
+            "seed noise.")
+
+
+def legend(df: pd.DataFrame, plan: dict[str, Any]) -> list[str]:
+    """The † notes of a table's rows and the plan's own legend lines."""
+    lines = []
+    if df["note"].notna().any():
+        lines.append("†: " + "; ".join(sorted({str(n) for n in df["note"].dropna()})) + ".")
+    return lines + list(plan.get("legend", []))
 
 
 def metric_name(metric: str) -> str:
@@ -434,12 +467,22 @@ def _tex_escape(text: str) -> str:
 
 
 def render_latex(df: pd.DataFrame, plan: dict[str, Any]) -> str:
-    """A booktabs table with ours and the paper's number for each column."""
+    """A booktabs ``table`` float: ours and the paper's number for each column, a caption with
+    the table's title, scale and caveat, a label ``tab:kcd-table<N>``, and the † legend."""
     columns = plan["columns"]
     labels = plan.get("column_labels", {})
     digits = int(plan.get("digits", 2))
     spec = "l" + "rr" * len(columns)
-    lines = [r"\begin{tabular}{" + spec + "}", r"\toprule"]
+    caption = (f"Table {plan['table']} regenerated by kcd: {plan.get('title', '')} "
+               f"({plan['dataset']}, {plan.get('scale', 'demo')} scale). Ours is the mean "
+               "($\\pm$ sample std over seeds); paper: the paper's number.")
+    caveat = scale_caveat(plan)
+    if caveat:
+        caption += " " + caveat
+    lines = [r"\begin{table}[t]", r"\centering",
+             r"\caption{" + _tex_escape(caption).replace(r"\textbackslash{}pm", r"\pm") + "}",
+             rf"\label{{tab:kcd-table{plan['table']}}}",
+             r"\begin{tabular}{" + spec + "}", r"\toprule"]
     lines.append(_tex_escape(plan.get("row_header", "Method")) + " & " + " & ".join(
         r"\multicolumn{2}{c}{" + _tex_escape(labels.get(c, c)) + "}" for c in columns) + r" \\")
     lines.append("".join(rf"\cmidrule(lr){{{2 + 2 * i}-{3 + 2 * i}}}"
@@ -453,16 +496,18 @@ def render_latex(df: pd.DataFrame, plan: dict[str, Any]) -> str:
                       _fmt(line[f"{c}_paper"], digits)]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
-    caption = (f"% Table {plan['table']} ({plan['dataset']}, {plan.get('scale', 'demo')} scale), "
-               f"regenerated by kcd\n")
-    return caption + "\n".join(lines) + "\n"
+    notes = [_tex_escape(n).replace("†", r"$^\dagger$", 1) for n in legend(df, plan)]
+    if notes:
+        lines += [r"\par\smallskip", r"\footnotesize " + r" \\ ".join(notes)]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
 
 
 def write_table(plan: dict[str, Any], out_prefix: str | os.PathLike) -> pd.DataFrame:
     """Build a table and write ``<prefix>.csv``, ``.md`` and ``.tex``."""
     df = build_table(plan)
     prefix = Path(out_prefix)
-    atomic_write_text(df.to_csv(index=False), prefix.with_suffix(".csv"))
+    atomic_write_text(tidy_csv(df, plan), prefix.with_suffix(".csv"))
     atomic_write_text(render_markdown(df, plan), prefix.with_suffix(".md"))
     atomic_write_text(render_latex(df, plan), prefix.with_suffix(".tex"))
     return df

@@ -125,3 +125,18 @@ def test_resources_merge_default_dataset_and_rule(paper):
     assert paper.resources("analysis", "imagenet")["gpus"] == 1
     args = paper.launch_args("distill", "x", "cifar100")
     assert args[args.index("--gpus") + 1] == "2" and args[args.index("--launcher") + 1] == "local"
+
+
+def test_table9_rows_name_their_method_and_transform(demo):
+    plan = demo.table_plan(9)
+    rows = _rows(plan)
+    assert (rows["Student"]["method"], rows["Student"]["transform"]) == ("baseline", "none")
+    assert (rows["L2"]["method"], rows["L2"]["transform"]) == ("l2", "none")
+    assert (rows["Ours"]["method"], rows["Ours"]["transform"]) == ("l2", demo.kcd)
+    assert "Seeds per cell" not in plan["description"]  # the renderer adds the count
+
+
+def test_ablation_plans_take_the_teachers_paper_number_from_table8(demo):
+    for n in demo.ablation_tables():
+        if n <= 6:
+            assert demo.table_plan(n)["teacher_paper"]["table"] == 8

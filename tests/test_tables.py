@@ -210,3 +210,54 @@ def test_figure1_class_names_resolve_or_fail_with_the_key():
         resolve_class("girl", ["apple", "boy"], 2)
     with pytest.raises(KcdError, match="figure1.class: class 5 does not exist"):
         resolve_class(5, None, 3)
+
+
+def test_csv_is_rounded_and_names_the_runs_of_each_cell(tmp_path):
+    runs = []
+    for seed, v in ((0, 10.1), (1, 10.2)):
+        d = tmp_path / "runs" / f"s{seed}"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps({"top1": v}))
+        runs.append(str(d / "result.json"))
+    plan = {"table": 8, "dataset": "imagenet", "teacher": "resnet50", "columns": ["resnet18"],
+            "rows": [{"label": "KD", "cells": {"resnet18": runs}}], "scale": "demo"}
+    write_table(plan, tmp_path / "table8")
+    text = (tmp_path / "table8.csv").read_text()
+    df = pd.read_csv(tmp_path / "table8.csv")
+    assert df["resnet18"][0] == 10.15 and df["resnet18_diff"][0] == round(10.15 - 70.76, 4)
+    assert "0000000" not in text                                  # no float noise
+    assert df["resnet18_runs"][0].split() == [str(tmp_path / "runs" / "s0"),
+                                              str(tmp_path / "runs" / "s1")]
+
+
+def test_latex_is_a_captioned_labelled_float_with_its_legend(tmp_path):
+    out = tmp_path / "a.json"
+    out.write_text(json.dumps({"r": {"top10": 1.0}}))
+    plan = {"table": 10, "dataset": "imagenet", "columns": ["top10"], "title": "overlap",
+            "rows": [{"label": "S vs T(T)", "paper": [["models", "S vs T(T)"]],
+                      "note": "inferred 50% of_it", "cells": {"top10": [
+                          {"path": str(out), "keys": ["r", "top10"]}]}}], "scale": "demo"}
+    write_table(plan, tmp_path / "table10")
+    tex = (tmp_path / "table10.tex").read_text()
+    lines = tex.splitlines()
+    assert lines[0].startswith(r"\begin{table}") and lines[-1] == r"\end{table}"
+    assert r"\label{tab:kcd-table10}" in tex and r"\toprule" in tex and r"\bottomrule" in tex
+    caption = next(line for line in lines if line.startswith(r"\caption{"))
+    assert "Demo scale" in caption and "overlap" in caption and r"$\pm$" in caption
+    assert r"$^\dagger$: inferred 50\% of\_it." in tex                # legend as text
+    assert tex.count("{") == tex.count("}")
+
+
+def test_ablation_tables_give_the_teachers_paper_accuracy_from_table8(tmp_path):
+    t = tmp_path / "teacher.json"
+    t.write_text(json.dumps({"top1": 40.0}))
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps({"top1": 30.0}))
+    plan = {"table": 1, "dataset": "imagenet", "teacher": "resnet50", "columns": ["x"],
+            "teacher_results": [str(t)], "paper_value": "top1",
+            "teacher_paper": {"table": 8, "match": [["teacher", "resnet50"]],
+                              "column": "teacher_top1"},
+            "rows": [{"label": "Baseline", "cells": {"x": [str(r)]}}]}
+    df = build_table(plan)
+    assert df["teacher_top1_paper"][0] == 75.49
+    assert "paper 75.49" in render_markdown(df, plan)
