@@ -29,18 +29,23 @@ def _config(args: argparse.Namespace) -> dict:
 
 
 def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: dict,
-             tags: dict):
+             tags: dict, out_dir: str | os.PathLike | None = None):
+    """The job's MLflow run (one per job: rank 0 only; continued by a resumed job in the same
+    ``out_dir``). ``tracking.required`` comes from ``KCD_TRACKING_REQUIRED`` when set, else
+    from the config when one is read here (the workflow passes ``--tracking-uri`` alone)."""
     if args.no_track or int(os.environ.get("RANK", "0")) != 0:  # one MLflow run per job
         return nullcontext(None)
     from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
 
-    if args.tracking_uri:
-        uri = args.tracking_uri
-    else:
-        cfg = _config(args)
-        uri = tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
+    cfg = _config(args) if not args.tracking_uri or args.config or args.set else {}
+    uri = args.tracking_uri or tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
+    required = bool(cfg.get("tracking", {}).get("required", False))
+    env = os.environ.get("KCD_TRACKING_REQUIRED", "").strip().lower()
+    if env:
+        required = env in ("1", "true", "yes", "on")
     return MlflowTracker(uri, experiment, run_name, params=params,
-                         tags={**tags, "spec_hash": spec_hash(params)})
+                         tags={**tags, "spec_hash": spec_hash(params)}, out_dir=out_dir,
+                         required=required, source=f"kcd {args.command}")
 
 
 def _summary(text: str) -> None:
@@ -100,7 +105,7 @@ def _train(args: argparse.Namespace, spec) -> None:
 
     tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
-                  tags) as tracker:
+                  tags, out_dir=spec.out_dir) as tracker:
         result = train(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / RESULT)
@@ -379,7 +384,7 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
     spec = spec_from_dict(_spec_arg(args))
     tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
-                  tags) as tracker:
+                  tags, out_dir=spec.out_dir) as tracker:
         result = train_detector(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / "result.json")
