@@ -592,11 +592,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_progress_bars() -> None:
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except (KcdError, OSError) as e:
+        _close_progress_bars()  # a bar closed later would redraw itself after the error
         print(f"kcd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -259,11 +259,12 @@ def _run_warm(args: argparse.Namespace, kcd_argv: list[str], canceller: _Cancell
         print(f"kcd.launch: job {job.job_id} ({args.name}) did not complete: {e}",
               file=sys.stderr, flush=True)
         return 1
-    if status:
-        why = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
-        print(f"kcd.launch: job {job.job_id} ({args.name}) {why}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    if status < 0:
+        print(f"kcd.launch: job {job.job_id} ({args.name}) killed by signal {-status}",
+              file=sys.stderr, flush=True)
+    # A job that exits with an error has printed it as its last line (kcd's one-line error):
+    # nothing is added after it, so it stays the last line of the log and of the terminal.
+    return 1 if status else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -401,8 +401,9 @@ def within_spread(df: pd.DataFrame, column: str) -> list[bool]:
     return marks
 
 
-def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
-    """A Markdown table: for each column, ours (mean ± std), the paper's, and the difference."""
+def _parts(df: pd.DataFrame, plan: dict[str, Any]) -> tuple[str, list[str], list[str],
+                                                             list[list[str]]]:
+    """What every rendering of a table shows: title, paragraphs, header, rows of cells."""
     columns = plan["columns"]
     labels = plan.get("column_labels", {})
     digits = int(plan.get("digits", 2))
@@ -410,33 +411,60 @@ def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
     seeds = sorted({int(n) for c in columns for n in df[f"{c}_n"]})
     head = [plan.get("row_header", "Method")] + [
         f"{labels.get(c, c)} {k}" for c in columns for k in ("ours", "paper", "Δ")]
-    out = [f"### Table {plan['table']}: {plan.get('title', '')}".rstrip(), ""]
+    title = f"Table {plan['table']}: {plan.get('title', '')}".rstrip()
+    text = []
     if plan.get("teacher") and plan.get("teacher_results"):
         t = df.iloc[0]
-        out.append(f"Teacher {plan['teacher']} {metric_name(metric)}: ours "
-                   f"{_fmt(t[f'teacher_{metric}'])}, paper {_fmt(t[f'teacher_{metric}_paper'])}.")
+        text.append(f"Teacher {plan['teacher']} {metric_name(metric)}: ours "
+                    f"{_fmt(t[f'teacher_{metric}'])}, paper {_fmt(t[f'teacher_{metric}_paper'])}.")
     if plan.get("description"):
-        out.append(f"{plan['description']} Seeds per cell: {', '.join(map(str, seeds))}.")
+        text.append(f"{plan['description']} Seeds per cell: {', '.join(map(str, seeds))}.")
     else:
-        out.append(f"Dataset {plan['dataset']} at {plan.get('scale', 'demo')} scale; "
-                   f"{metric_name(metric)}; seeds per cell: {', '.join(map(str, seeds))}; ours is "
-                   "the mean (± sample std over seeds) of the final iterate of each run.")
+        text.append(f"Dataset {plan['dataset']} at {plan.get('scale', 'demo')} scale; "
+                    f"{metric_name(metric)}; seeds per cell: {', '.join(map(str, seeds))}; "
+                    "ours is the mean (± sample std over seeds) of the final iterate of each run.")
     caveat = scale_caveat(plan)
     if caveat:
-        out.append(caveat)
+        text.append(caveat)
     marks = {c: within_spread(df, c) for c in columns}
     if any(any(m) for m in marks.values()):
-        out.append("≈: differs from the first row by less than the spread (sample std) of "
-                   "its seeds.")
-    out += legend(df, plan)
-    out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        text.append("≈: differs from the first row by less than the spread (sample std) of "
+                    "its seeds.")
+    text += legend(df, plan)
+    rows = []
     for i, (_, line) in enumerate(df.iterrows()):
-        label = str(line["row"]) + (" †" if isinstance(line["note"], str) else "")
-        cells = [label]
+        cells = [str(line["row"]) + (" †" if isinstance(line["note"], str) else "")]
         for c in columns:
             cells += [_cell(line, c, digits) + (" ≈" if marks[c][i] else ""),
                       _fmt(line[f"{c}_paper"], digits), _fmt(line[f"{c}_diff"], digits)]
-        out.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return title, text, head, rows
+
+
+def render_markdown(df: pd.DataFrame, plan: dict[str, Any]) -> str:
+    """A Markdown table: for each column, ours (mean ± std), the paper's, and the difference."""
+    title, text, head, rows = _parts(df, plan)
+    out = [f"### {title}", "", *text]
+    out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(out) + "\n"
+
+
+def render_html(df: pd.DataFrame, plan: dict[str, Any]) -> str:
+    """The Markdown table's content as an HTML page (for ``snakemake --report``)."""
+    from html import escape
+
+    title, text, head, rows = _parts(df, plan)
+    out = ["<!DOCTYPE html>", '<html><head><meta charset="utf-8">',
+           f"<title>{escape(title)}</title>",
+           "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+           "padding:2px 8px;text-align:right}td:first-child{text-align:left}</style>",
+           "</head><body>", f"<h3>{escape(title)}</h3>"]
+    out += [f"<p>{escape(t)}</p>" for t in text]
+    out.append("<table><thead><tr>" + "".join(f"<th>{escape(h)}</th>" for h in head)
+               + "</tr></thead><tbody>")
+    out += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in cells) + "</tr>" for cells in rows]
+    out += ["</tbody></table>", "</body></html>"]
     return "\n".join(out) + "\n"
 
 
@@ -504,12 +532,13 @@ def render_latex(df: pd.DataFrame, plan: dict[str, Any]) -> str:
 
 
 def write_table(plan: dict[str, Any], out_prefix: str | os.PathLike) -> pd.DataFrame:
-    """Build a table and write ``<prefix>.csv``, ``.md`` and ``.tex``."""
+    """Build a table and write ``<prefix>.csv``, ``.md``, ``.tex`` and ``.html``."""
     df = build_table(plan)
     prefix = Path(out_prefix)
     atomic_write_text(tidy_csv(df, plan), prefix.with_suffix(".csv"))
     atomic_write_text(render_markdown(df, plan), prefix.with_suffix(".md"))
     atomic_write_text(render_latex(df, plan), prefix.with_suffix(".tex"))
+    atomic_write_text(render_html(df, plan), prefix.with_suffix(".html"))
     return df
 
 

@@ -51,8 +51,7 @@ def test_launcher_runs_the_step_in_a_fork_with_its_output_and_status(worker, tmp
                          cwd=tmp_path, env=_env(worker.path), capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 1
-    assert "invalid choice: 'nonsense'" in bad.stderr
-    assert "exited with status 2" in bad.stderr
+    assert "invalid choice: 'nonsense'" in bad.stderr.strip().splitlines()[-1]  # still last
 
 
 def test_fork_takes_the_launchers_working_directory(worker, tmp_path):

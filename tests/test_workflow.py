@@ -215,3 +215,35 @@ def test_paths_with_spaces_and_shell_metacharacters_run_end_to_end(tmp_path):
     assert list(df["row"]) == ["Baseline", "KD"] and df["resnet20_0.5x"].notna().all()
     assert (tmp_path / cfg["demo_data"]["root"] / "cifar-100-python" / "meta").is_file()
     assert not list(tmp_path.rglob("PWNED*")) and not (Path.cwd() / "PWNED").exists()
+
+
+def test_the_report_holds_every_table(built):
+    """`snakemake --report` (the README's command) renders each table with its title."""
+    import base64
+    import re
+
+    run = _snakemake(built, "results/tables.md", "--report", "report.html")
+    assert run.returncode == 0, run.stderr[-3000:]
+    html = (built / "report.html").read_text()
+    assert "Table 7" in html  # the category
+    embedded = [base64.b64decode(b).decode("utf-8", "replace")
+                for b in re.findall(r"data:text/html;[^,]*base64,([A-Za-z0-9+/=]+)", html)]
+    assert any("Table 7: comparison" in page or "<h3>Table 7" in page for page in embedded)
+
+
+def test_a_failed_job_ends_with_kcds_error_line_on_the_terminal(tmp_path):
+    """A diverging recipe: the job's log is shown after Snakemake's error block, its last line
+    kcd's one-line error, so the reason is on the terminal and not only in the log file."""
+    cfg = _config()
+    cfg["recipes"]["cifar100"]["default"]["lr"] = 1e12
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    run = _snakemake(tmp_path, "results/cifar100/models/resnet20-s0/final.pt")
+    assert run.returncode != 0
+    lines = run.stderr.splitlines()
+    rule = max(i for i, line in enumerate(lines) if line.startswith("Logfile "))
+    block = lines[rule + 2:]
+    end = next(i for i, line in enumerate(block) if line and set(line) == {"="})
+    last = [line for line in block[:end] if line.strip()][-1]
+    assert last.startswith("kcd: error:") and "learning rate" in last, run.stderr[-3000:]
+    assert "Traceback" not in "\n".join(block)

@@ -46,7 +46,8 @@ rule figure1:
         lambda w: P.spec_inputs(P.figure1_spec()),
         data=lambda w: data_input(config["figure1"]["dataset"]),
     output:
-        png=L.figure1 + ".png",
+        png=report(L.figure1 + ".png", caption="../report/figure1.rst", category="Figure 1",
+                   labels={"figure": "1", "format": "png"}),
         pdf=L.figure1 + ".pdf",
     log:
         log_path("analysis", "figure1"),

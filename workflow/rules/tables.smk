@@ -10,6 +10,8 @@ rule table:
         csv=L.table("{n}", "csv"),
         md=L.table("{n}", "md"),
         tex=L.table("{n}", "tex"),
+        html=report(L.table("{n}", "html"), caption="../report/table.rst",
+                    category="Table {n}", labels={"table": "{n}", "format": "rendered"}),
     log:
         log_path("tables", "table{n}"),
     resources:
