@@ -195,7 +195,8 @@ _OPEN: "weakref.WeakSet[MlflowTracker]" = weakref.WeakSet()
 def _end_open_runs() -> None:
     """An interpreter exit with a run still open (no ``__exit__``): end it as KILLED."""
     for tracker in list(_OPEN):
-        tracker._end("KILLED", raise_errors=False)
+        if tracker._pid == os.getpid():  # not a run of the process this one was forked from
+            tracker._end("KILLED", raise_errors=False)
 
 
 class MlflowTracker:
@@ -229,6 +230,8 @@ class MlflowTracker:
         self._terminated = False
         self._previous_sigterm: Any = None
         self._handler_installed = False
+        self._stored_params: set[str] = set()  # a resumed run's params (immutable in MLflow)
+        self._pid = os.getpid()  # forks (data loader workers) inherit the tracker, not the run
 
     # ------------------------------------------------------------------ failures
 
@@ -291,10 +294,16 @@ class MlflowTracker:
         if not self.uri.startswith(("http://", "https://")):
             return
         import urllib.error
+        import urllib.parse
         import urllib.request
 
+        parts = urllib.parse.urlsplit(self.uri)
+        host = parts.netloc.rpartition("@")[2]  # /health needs no credentials
+        health = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health",
+                                          "", ""))
         try:
-            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=HEALTH_SECONDS)
+            with urllib.request.urlopen(health, timeout=HEALTH_SECONDS):
+                pass
         except urllib.error.HTTPError:
             pass  # it answered (a proxy may not route /health)
         except (OSError, ValueError) as e:
@@ -388,6 +397,7 @@ class MlflowTracker:
 
         self.run_id = run.info.run_id
         self.resumed = True
+        self._stored_params = set(run.data.params)
         self._client.update_run(self.run_id, status="RUNNING")
         for m in getattr(run.data, "_metric_objs", []):  # the latest value of each metric
             self._last_step[m.key] = max(m.step, self._last_step.get(m.key, m.step))
@@ -423,6 +433,15 @@ class MlflowTracker:
     # ------------------------------------------------------------------ SIGTERM
 
     def _on_sigterm(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a fork of the job (a data loader worker): as before
+            previous = self._previous_sigterm if self._previous_sigterm is not None \
+                else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
         if self._terminated:
             return  # already unwinding: let the run end
         self._terminated = True
@@ -431,6 +450,7 @@ class MlflowTracker:
     def _install_sigterm(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
+        self._pid = os.getpid()
         previous = signal.getsignal(signal.SIGTERM)
         if previous == signal.SIG_IGN:
             return  # the process ignores SIGTERM on purpose
@@ -480,7 +500,8 @@ class MlflowTracker:
             return
         from mlflow.entities import Param
 
-        new = {k: v for k, v in _flatten(params).items() if k not in self.params}
+        new = {k: v for k, v in _flatten(params).items()
+               if k not in self.params and k not in self._stored_params}
         self.params.update(new)
         items = [Param(k, v[:6000]) for k, v in new.items()]
         for i in range(0, len(items), 100):

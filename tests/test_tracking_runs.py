@@ -307,3 +307,66 @@ def test_cli_tracker_takes_required_from_the_config_or_environment(tmp_path, mon
     monkeypatch.setenv("KCD_TRACKING_REQUIRED", "1")
     assert cli._tracker(_args(tracking_uri="sqlite:///x.db"), EXP, "r", {}, {}).required
     assert cli._tracker(_args(no_track=True), EXP, "r", {}, {}).__enter__() is None
+
+
+def _sleep():
+    time.sleep(60)
+
+
+def test_a_fork_of_the_job_stops_on_sigterm_as_before(uri, tmp_path):
+    """Data loader workers are forks of the job: SIGTERM ends them as it did without the
+    tracker, and leaves the job's run alone."""
+    with _tracker(uri, tmp_path / "job") as t:
+        p = multiprocessing.get_context("fork").Process(target=_sleep)
+        p.start()
+        time.sleep(0.2)
+        os.kill(p.pid, signal.SIGTERM)
+        p.join(30)
+        assert p.exitcode == -signal.SIGTERM
+        t.log_metrics({"train/ce": 1.0}, 0)
+        assert _client(uri).get_run(t.run_id).info.status == "RUNNING"
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED"
+
+
+def test_result_fields_as_params_and_a_resume_keeps_the_first_values(uri, tmp_path):
+    job = tmp_path / "job"
+    t = _tracker(uri, job).__enter__()
+    t.log_params({"iterations": 40, "train_seconds": 12.5})
+    t._client.set_terminated(t.run_id, "KILLED")  # a job stopped after logging them
+    t._ended = True
+    t._restore_sigterm()
+    tracking._OPEN.discard(t)
+    with _tracker(uri, job) as again:
+        assert again.resumed
+        again.log_params({"iterations": 40, "train_seconds": 30.0, "eval_seed": 0})
+    (run,) = _runs(uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train_seconds"] == "12.5" and run.data.params["eval_seed"] == "0"
+
+
+def test_a_server_is_checked_at_its_health_address(tmp_path):
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200 if self.path == "/mlflow/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        _tracker(f"http://user:secret@127.0.0.1:{port}/mlflow/", None)._check_reachable()
+        _tracker(f"http://127.0.0.1:{port}", None)._check_reachable()  # 404: it answered
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert seen == ["/mlflow/health", "/health"]
