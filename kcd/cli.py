@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import re
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -313,22 +314,15 @@ def cmd_figure1(args: argparse.Namespace) -> None:
     _summary(f"figure 1 -> {png}, {pdf}")
 
 
-def cmd_config(args: argparse.Namespace) -> None:
-    """``kcd config show``: the resolved config and every job a dry run would start."""
+def _dry_run(rest: list[str]) -> tuple[list, dict | None]:
+    """The jobs ``snakemake -n -p REST`` would run, and the config it resolved."""
     import subprocess
     import tempfile
 
-    import pandas as pd
     import yaml
 
-    from kcd.dryrun import RESOLVED_CONFIG_ENV, parse_dry_run, summary
+    from kcd.dryrun import RESOLVED_CONFIG_ENV, parse_dry_run
 
-    rest = list(args.snakemake_args)
-    jobs_only = "--jobs-only" in rest  # REMAINDER keeps kcd's own flag among snakemake's
-    rest = [a for a in rest if a != "--jobs-only"]
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    _check_configfile_order(rest)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"
         env = {**os.environ, RESOLVED_CONFIG_ENV: str(resolved)}
@@ -341,8 +335,42 @@ def cmd_config(args: argparse.Namespace) -> None:
             raise KcdError("the dry run failed: " + ((errors or lines)[-1] if lines
                                                      else "no output"))
         cfg = yaml.safe_load(resolved.read_text()) if resolved.is_file() else None
-    jobs = parse_dry_run(run.stdout + run.stderr)
-    if cfg is not None and not jobs_only:
+    return parse_dry_run(run.stdout + run.stderr), cfg
+
+
+def _own_flags(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """kcd's own flags among Snakemake's (REMAINDER keeps them together)."""
+    own: dict[str, Any] = {"jobs_only": False, "cost": False, "throughput": None}
+    out, i = [], 0
+    while i < len(rest):
+        word = rest[i]
+        if word in ("--jobs-only", "--cost"):
+            own[word[2:].replace("-", "_")] = True
+        elif word == "--throughput":
+            if i + 1 >= len(rest):
+                raise KcdError("--throughput needs a file: the JSON of bench/bench_gpu.py --json")
+            own["throughput"], own["cost"] = rest[i + 1], True
+            i += 1
+        else:
+            out.append(word)
+        i += 1
+    if out[:1] == ["--"]:
+        out = out[1:]
+    return out, own
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    """``kcd config show``: the resolved config and every job a dry run would start, with
+    ``--cost`` its GPU-hours (:mod:`kcd.costs`)."""
+    import pandas as pd
+    import yaml
+
+    from kcd.dryrun import summary
+
+    rest, own = _own_flags(list(args.snakemake_args))
+    _check_configfile_order(rest)
+    jobs, cfg = _dry_run(rest)
+    if cfg is not None and not own["jobs_only"]:
         print(f"# resolved config (scale {cfg.get('scale')})")
         print(yaml.safe_dump(cfg, sort_keys=False, width=100), end="")
         print()
@@ -353,6 +381,41 @@ def cmd_config(args: argparse.Namespace) -> None:
     table = pd.DataFrame(rows, dtype=object).fillna("")
     print(f"# {len(rows)} jobs, {sum(1 for r in rows if r['gpus'])} of them on GPUs")
     print(table.to_string(index=False))
+    if own["cost"]:
+        _print_costs(jobs, own["throughput"])
+
+
+def _print_costs(jobs: list, throughput: str | None) -> None:
+    """GPU-hours of each GPU job, their total, and the total of each table the target builds
+    (a job shared by several tables counts in each)."""
+    import pandas as pd
+
+    from kcd.costs import cost_rows, read_throughput
+    from kcd.dryrun import needed_by, summary
+
+    measured = read_throughput(throughput)
+
+    def costs(of: list) -> list[dict]:
+        kcd_jobs = [j for j in of if j.command]
+        return cost_rows([summary([j])[0] for j in kcd_jobs], [j.spec for j in kcd_jobs],
+                         measured, [j.args for j in kcd_jobs])
+
+    rows = costs(jobs)
+    print()
+    if not rows:
+        print("# cost: no job of this target uses a GPU")
+        return
+    sources = sorted({r["source"] for r in rows})
+    print(f"# cost: {sum(r['GPU-h'] for r in rows):.1f} GPU-hours for {len(rows)} GPU jobs "
+          f"(throughput {' and '.join(sources)}; assumed: kcd.costs.ASSUMED, one A100-class "
+          "GPU with bf16, not measurements)")
+    print(pd.DataFrame(rows).sort_values(["rule", "dataset", "model"]).to_string(index=False))
+    tables = [j for j in jobs if j.command == "table"]
+    if tables:
+        print("\n# GPU-hours per table (a job shared by several tables counts in each)")
+        for job in sorted(tables, key=lambda j: int(re.sub(r"\D", "", Path(j.args["out"]).name))):
+            hours = sum(r["GPU-h"] for r in costs(needed_by(jobs, job)))
+            print(f"{Path(job.args['out']).name}: {hours:.1f}")
 
 
 def _check_configfile_order(argv: list[str]) -> None:
@@ -578,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("snakemake_args", nargs=argparse.REMAINDER, metavar="SNAKEMAKE ARGS",
                    help="what you would pass to snakemake: targets, --configfile, --profile, "
                         "--config, e.g. results/table8.csv --configfile config/paper.yaml "
-                        "site.yaml; --jobs-only: print only the job table")
+                        "site.yaml; --jobs-only: print only the job table; --cost: GPU-hours "
+                        "per job and per table; --throughput FILE: measured images/s "
+                        "(bench/bench_gpu.py --json) instead of the assumed ones")
 
     p = add("table", cmd_table, "build one of the paper's tables from run results",
             config=False)

@@ -33,6 +33,8 @@ class Job:
     command: str  # the kcd subcommand (pretrain, distill, ...), "" when not a kcd command
     args: dict[str, Any] = field(default_factory=dict)  # --flag value (repeated: a list)
     resources: dict[str, str] = field(default_factory=dict)  # kcd.launch's --gpus, --nodes, ...
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
 
     @property
     def spec(self) -> dict | None:
@@ -86,17 +88,37 @@ def parse_command(rule: str, command: str) -> Job:
 
 
 def parse_dry_run(text: str) -> list[Job]:
-    """The jobs of ``snakemake -n -p`` output, in the order printed."""
+    """The jobs of ``snakemake -n -p`` output, in the order printed, with their files."""
     jobs: list[Job] = []
     rule = None
+    files: dict[str, list[str]] = {}
     for line in text.splitlines():
         m = _RULE.match(line)
         if m:
-            rule = m["rule"]
+            rule, files = m["rule"], {}
+        elif rule is not None and line.startswith(("    input: ", "    output: ")):
+            key, _, value = line.strip().partition(": ")
+            files[key] = [f for f in value.split(", ") if f]
         elif line.startswith(_SHELL) and rule is not None:
-            jobs.append(parse_command(rule, line[len(_SHELL):]))
+            job = parse_command(rule, line[len(_SHELL):])
+            job.inputs, job.outputs = files.get("input", []), files.get("output", [])
+            jobs.append(job)
             rule = None
     return jobs
+
+
+def needed_by(jobs: list[Job], target: Job) -> list[Job]:
+    """``target`` and every job of the dry run whose outputs it needs, directly or not."""
+    producer = {out: job for job in jobs for out in job.outputs}
+    seen: dict[int, Job] = {}
+    todo = [target]
+    while todo:
+        job = todo.pop()
+        if id(job) in seen:
+            continue
+        seen[id(job)] = job
+        todo += [producer[f] for f in job.inputs if f in producer]
+    return [j for j in jobs if id(j) in seen]
 
 
 def _recipe_cells(spec: dict) -> dict:
@@ -120,6 +142,11 @@ def _limits(spec: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in found.items() if v is not None)
 
 
+def _arch(model: Any) -> str | None:
+    """An architecture name, or an analysis spec's model entry ``{"arch": ...}``'s."""
+    return model.get("arch") if isinstance(model, dict) else model
+
+
 def summary(jobs: list[Job]) -> list[dict]:
     """One row per kcd job: what it trains or computes, with which recipe, on how many GPUs,
     and any demo-only limit (``limits``), in Algorithm 1's order."""
@@ -138,7 +165,7 @@ def summary(jobs: list[Job]) -> list[dict]:
                or job.args.get("dataset") or "",
                "model": spec.get("arch") or spec.get("backbone") or spec.get("student")
                or job.args.get("arch") or "",
-               "teacher": distill.get("teacher") or spec.get("teacher") or "",
+               "teacher": distill.get("teacher") or _arch(spec.get("teacher")) or "",
                "method": tags.get("method") or "", "transform": transform or "",
                **_recipe_cells(spec), "weight": distill.get("weight"), "gpus": job.gpus,
                "limits": _limits(spec)}

@@ -310,3 +310,28 @@ def test_kcd_config_show_lists_each_job_of_the_profile_run(tmp_path):
     assert wrong.stderr.strip().splitlines() == [
         "kcd: error: config file results/table8.csv does not exist; if it is a target, put "
         "targets before --configfile or end its list with --"]
+
+
+def test_the_cost_plan_gives_gpu_hours_for_tables_7_and_8(dry_runs):
+    """`kcd config show --cost`: every GPU job of the paper-scale DAG has a cost, and the
+    tables' totals follow from the jobs each table needs (Table 8's ImageNet runs on 32 GPUs
+    cost far more than Table 7's CIFAR runs on 2)."""
+    from kcd.costs import cost_rows
+    from kcd.dryrun import needed_by, summary
+
+    jobs, _ = dry_runs["configfile"]
+
+    def hours(of):
+        kcd_jobs = [j for j in of if j.command]
+        rows = cost_rows([summary([j])[0] for j in kcd_jobs], [j.spec for j in kcd_jobs], {},
+                         [j.args for j in kcd_jobs])
+        return sum(r["GPU-h"] for r in rows), rows
+
+    total, rows = hours(jobs)
+    assert len(rows) == sum(1 for j in jobs if j.gpus)
+    tables = {j.args["out"].rsplit("/", 1)[-1]: j for j in jobs if j.command == "table"}
+    t7, _ = hours(needed_by(jobs, tables["table7"]))
+    t8, t8_rows = hours(needed_by(jobs, tables["table8"]))
+    assert 0 < t7 < t8 < total
+    assert {r["model"] for r in t8_rows if r["rule"] == "distill"} == {"resnet18",
+                                                                      "mobilenetv2_0.5x"}

@@ -6,7 +6,6 @@ import shlex
 import sys
 from pathlib import Path
 
-from snakemake.exceptions import WorkflowError
 
 from kcd.config import mark_results_scale, workflow_config
 from kcd.errors import KcdError
@@ -18,13 +17,20 @@ from kcd.plans import Plans
 from kcd.specs import runtime_text, split_runtime
 from kcd.tracking import ensure_store, tracking_uri
 
+def fail(message):
+    """Stop Snakemake with kcd's one-line error as its last line (an exception raised here
+    would end in Snakemake's InputFunctionException or WorkflowError and a traceback)."""
+    print(f"kcd: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
+
+
 # One scale's values plus the user's layers (kcd.config.resolve_config): the Snakefile names
 # no configfile, so Snakemake's config holds only what the command line gave.
 try:
     _resolved = workflow_config(workflow.config_settings.configfiles,
                                 workflow.config_settings.config)
 except KcdError as e:
-    raise WorkflowError(f"invalid config: {e}")
+    fail(f"invalid config: {e}")
 config.clear()
 config.update(_resolved)
 
@@ -100,7 +106,7 @@ def table_plan(n):
     try:
         return P.table_plan(n)
     except KcdError as e:
-        raise WorkflowError(str(e))
+        fail(str(e))
 
 
 log_path = L.log
@@ -109,14 +115,16 @@ log_path = L.log
 def data_input(ds):
     """The demo data's manifest (which triggers its generation), or a check of a real root."""
     if ds not in config["datasets"]:
-        raise WorkflowError(f"dataset '{ds}' has no entry under datasets in the config")
+        fail(f"dataset '{ds}' has no entry under datasets in the config; add "
+             f"datasets.{ds}.root")
     root = Path(config["datasets"][ds]["root"]).resolve()
     if root == Path(DEMO).resolve() or Path(DEMO).resolve() in root.parents:
         return f"{DEMO}/{DEMO_FOLDERS[ds]}/.kcd-demo.json"
     if not root.is_dir():
-        raise WorkflowError(f"dataset root {config['datasets'][ds]['root']} (config key "
-                            f"datasets.{ds}.root) does not exist; point it at your {ds} copy")
+        fail(f"dataset root {config['datasets'][ds]['root']} (config key datasets.{ds}.root) "
+             f"does not exist; point it at your {ds} copy")
     return []
+
 
 
 def launch(rule_name, name, ds=None):
