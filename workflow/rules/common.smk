@@ -42,6 +42,8 @@ DEMO = config.get("demo_data", {}).get("root", "resources/demo")
 DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
                 "imagenet": "imagenet", "coco": "coco"}
 TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
+# Jobs (and the warm worker's forks, SLURM jobs through sbatch) inherit the environment.
+os.environ["KCD_TRACKING_REQUIRED"] = "1" if config.get("tracking", {}).get("required") else "0"
 
 # Detection datasets have their own rules (rules/detection.smk) on the same layout.
 DETECTION_DATASETS = "coco"
