@@ -4,7 +4,11 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
 ``method: baseline`` is the same loop with cross-entropy only. A run:
 
 - starts from the theta0 file of its (architecture, seed) -- never from fresh weights;
-- is iteration-based SGD with a multi-step schedule (Section 4.1's recipes as written);
+- is iteration-based SGD with a multi-step schedule (Section 4.1's recipes as written), in the
+  stages the distillation loss asks for (:meth:`~kcd.losses.base.DistillationLoss.stages`:
+  AB's initialisation stage comes first, with an optimizer of its own); the loss's hooks run
+  around each main-stage iteration (RCO's teacher anchors) and so do the dynamic transforms
+  (Table 5, :class:`~kcd.transforms.DynamicMatching`). The engine knows no method by name;
 - writes an atomic checkpoint (model, optimizer, scheduler, loss modules, data stream and every
   RNG state) every ``checkpoint_every`` iterations, and a rerun of the same command resumes
   from it, ending bit-identical to an uninterrupted run on the CPU;
@@ -20,12 +24,15 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -42,17 +49,16 @@ from kcd.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from kcd.consistency import ConsistencyStatistics
 from kcd.data.datasets import check_num_classes
 from kcd.data.streams import eval_batches, train_stream
 from kcd.errors import KcdError
 from kcd.evaluate import evaluate
-from kcd.features import FeatureTap, feature_shapes, global_avg_pool
-from kcd.losses import LOSSES, DistillBatch, build_loss
-from kcd.losses.rco import AnchorSchedule
+from kcd.features import FeatureTap, feature_shapes
+from kcd.losses import BASELINE, LOSSES, build_loss
+from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
 from kcd.specs import DistillSpec, LayerPair, TrainSpec, split_runtime, to_dict
-from kcd.transforms import ChannelTransform, load_transform, match
+from kcd.transforms import ChannelTransform, DynamicMatching, load_transform
 
 CHECKPOINT = "checkpoint.pt"
 FINAL = "final.pt"
@@ -116,38 +122,54 @@ def _distributed() -> tuple[int, int, int]:
 
 
 class _Distillation:
-    """Teacher, taps, transforms and loss modules of one distillation run."""
+    """Teacher, taps, transforms, loss modules and stages of one run.
+
+    Pre-training and cross-entropy-only runs have no teacher and no loss modules: their one
+    stage is the recipe's. Otherwise there is one loss module per layer pair (one for a
+    logits-only method); the modules' hooks (:class:`~kcd.losses.base.DistillationLoss`) and
+    the dynamic transforms (:class:`~kcd.transforms.DynamicMatching`) run through this class,
+    which knows no method by name.
+    """
 
     def __init__(self, spec: TrainSpec, student: nn.Module, device: torch.device) -> None:
-        d: DistillSpec = spec.distill  # type: ignore[assignment]
-        self.spec = d
-        self.method = d.method
-        self.teacher = None
+        d = spec.distill
+        self.teacher: nn.Module | None = None
         self.losses = nn.ModuleList()
         self.pairs: list[tuple[str, str, float]] = []
         self.transforms: list[nn.Module | None] = []
-        self.schedule: AnchorSchedule | None = None
-        self.anchor_index = -1
-        self.dynamic: list[ConsistencyStatistics | None] = []
-        if d.method == "baseline":
+        self.dynamic: list[DynamicMatching | None] = []
+        self.context: DistillContext | None = None
+        self.stages = [Stage("main", spec.recipe.iterations, _no_terms)]
+        self._stage_terms: list[list] = [[]]
+        if d is None:
+            return
+        if d.method == BASELINE:  # the registry's name for cross-entropy only
+            for name in ("init_iterations", "anchors"):
+                if getattr(d, name):
+                    raise KcdError(f"distill.{name} is not for '{d.method}', which trains with "
+                                   "cross-entropy only")
             return
         method = LOSSES.get(d.method)
         if not d.teacher or not d.teacher_weights:
             raise KcdError(f"method '{d.method}' needs distill.teacher and distill.teacher_weights")
         self.teacher = load_model(d.teacher, d.teacher_weights, spec.num_classes, "teacher weights")
         self.teacher.to(device).eval().requires_grad_(False)
-        if d.anchors:
-            missing = [a for a in d.anchors if not os.path.isfile(a)]
-            if missing:
-                raise KcdError(f"RCO anchor {missing[0]} does not exist; the teacher's "
-                               "pre-training writes its anchors (methods.rco.anchors)")
-            self.schedule = AnchorSchedule(len(d.anchors), spec.recipe.iterations)
+        self.context = DistillContext(d, spec.recipe, self._teacher_loader(d.teacher, device))
         if not method.uses_features:
             if any(d.transforms):
                 raise KcdError(f"method '{d.method}' distils logits only; a channel transform "
                                "has nothing to apply to (use transform 'none')")
             self.losses.append(build_loss(d.method, [], [], None, weight=d.weight, **d.options))
-            return
+        else:
+            self._feature_losses(spec, student, device, method.default_weight)
+        self.losses.to(device)
+        for module in self.losses:
+            module.setup(self.context)
+        self._plan_stages(spec)
+
+    def _feature_losses(self, spec: TrainSpec, student: nn.Module, device: torch.device,
+                        default_weight: float) -> None:
+        d: DistillSpec = spec.distill  # type: ignore[assignment]
         layers = d.layers or [
             LayerPair(model_spec(d.teacher).default_layer, model_spec(spec.arch).default_layer)
         ]
@@ -164,7 +186,7 @@ class _Distillation:
             raise KcdError(
                 f"distill.transforms has {len(paths)} entries for {len(self.pairs)} layer pairs"
             )
-        base_weight = d.weight if d.weight is not None else method.default_weight
+        base_weight = d.weight if d.weight is not None else default_weight
         for (t_layer, s_layer, alpha), path in zip(self.pairs, paths):
             c_t, c_s = t_shapes[t_layer][0], s_shapes[s_layer][0]
             transform = None
@@ -177,47 +199,66 @@ class _Distillation:
                 build_loss(d.method, [c_s], [c_t], [transform], weight=base_weight * alpha,
                            **d.options)
             )
-            dyn = None
-            if d.dynamic_every > 0:
-                if not isinstance(transform, ChannelTransform):
-                    raise KcdError("distill.dynamic_every needs a channel transform file per pair")
-                dyn = ConsistencyStatistics(c_t, c_s, metrics=[d.dynamic_metric])
-            self.dynamic.append(dyn)
-        self.losses.to(device)
+            self.dynamic.append(
+                DynamicMatching(transform, d.dynamic_every, d.dynamic_metric, d.dynamic_strategy)
+                if d.dynamic_every > 0 else None
+            )
+
+    def _teacher_loader(self, arch: str, device: torch.device):
+        def load(path: str, what: str) -> None:
+            obj = load_model_weights(path, arch, what)
+            self.teacher.load_state_dict(obj["state_dict"])
+            self.teacher.to(device).eval()
+
+        return load
+
+    def _plan_stages(self, spec: TrainSpec) -> None:
+        """The stages of the loss modules (one method, so one plan), and each module's terms."""
+        plans = [module.stages(self.context) for module in self.losses]
+        shape = [(s.name, s.iterations, s.cross_entropy, s.main) for s in plans[0]]
+        if any([(s.name, s.iterations, s.cross_entropy, s.main) for s in p] != shape
+               for p in plans):
+            raise KcdError(f"the loss modules of method '{spec.distill.method}' disagree on "
+                           "the stages of training")
+        if [s.main for s in plans[0]].count(True) != 1:
+            raise KcdError(f"method '{spec.distill.method}' must have exactly one main stage")
+        self.stages = plans[0]
+        self._stage_terms = [[p[k].terms for p in plans] for k in range(len(self.stages))]
 
     @property
     def uses_features(self) -> bool:
         return bool(self.pairs)
 
-    def set_anchor(self, iteration: int, device: torch.device, num_classes: int) -> None:
-        """Load the RCO anchor that the route prescribes at ``iteration``."""
-        if self.schedule is None:
-            return
-        index = self.schedule.index(iteration)
-        if index != self.anchor_index:
-            obj = load_model_weights(self.spec.anchors[index], self.spec.teacher, "RCO anchor")
-            self.teacher.load_state_dict(obj["state_dict"])
-            self.teacher.to(device).eval()
-            self.anchor_index = index
+    def before_step(self, iteration: int) -> None:
+        for module in self.losses:
+            module.before_step(iteration, self.context)
 
-    def record(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> None:
-        for stats, ft, fs in zip(self.dynamic, t_feats, s_feats):
-            if stats is not None:
-                stats.update(global_avg_pool(ft).detach().float().cpu(),
-                             global_avg_pool(fs).detach().float().cpu())
+    def after_step(self, iteration: int) -> None:
+        for module in self.losses:
+            module.after_step(iteration, self.context)
+        for dynamic in self.dynamic:
+            if dynamic is not None:
+                dynamic.after_step(iteration)
 
-    def refresh_transforms(self) -> None:
-        """Dynamic transform (Table 5): rematch from the recorded features, then reset."""
-        for i, stats in enumerate(self.dynamic):
-            if stats is None or stats.n < 2:
-                continue
-            new = match(stats.matrix(self.spec.dynamic_metric), self.spec.dynamic_strategy)
-            index = self.transforms[i].index
-            index.copy_(new.to(index.device))
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.broadcast(index, src=0)  # every rank follows rank 0's match
-            self.dynamic[i] = ConsistencyStatistics(stats.c_t, stats.c_s,
-                                                    metrics=[self.spec.dynamic_metric])
+    def terms(self, stage: int, batch: DistillBatch, s_feats: list[torch.Tensor],
+              t_feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named, weighted terms of every loss module (one module per layer pair) in ``stage``;
+        ``batch`` holds the labels, logits and iteration, the features go pair by pair."""
+        terms: dict[str, torch.Tensor] = {}
+        fns = self._stage_terms[stage]
+        for i, fn in enumerate(fns):
+            if self.uses_features:
+                batch = replace(batch, student_features=[s_feats[i]],
+                                teacher_features=[t_feats[i]])
+            for k, v in fn(batch).items():
+                terms[f"{k}/{i}" if len(fns) > 1 else k] = v
+        return terms
+
+    def observe(self, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]) -> None:
+        """Show the dynamic transforms the features of a main-stage forward."""
+        for dynamic, ft, fs in zip(self.dynamic, t_feats, s_feats):
+            if dynamic is not None:
+                dynamic.observe(ft, fs)
 
     def state_dict(self) -> dict:
         return {
@@ -227,7 +268,9 @@ class _Distillation:
             "dynamic": [s.state_dict() if s is not None else None for s in self.dynamic],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None:  # a pre-training checkpoint
+            return
         self.losses.load_state_dict(state["losses"])
         for t, idx in zip(self.transforms, state["transform_index"]):
             if idx is not None:
@@ -235,6 +278,10 @@ class _Distillation:
         for s, st in zip(self.dynamic, state["dynamic"]):
             if s is not None:
                 s.load_state_dict(st)
+
+
+def _no_terms(batch: DistillBatch) -> dict[str, torch.Tensor]:
+    return {}
 
 
 def _input_size(spec: TrainSpec) -> int:
@@ -275,39 +322,35 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
 
     torch.manual_seed(spec.seed)
     student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
-    distill = _Distillation(spec, student, device) if spec.distill else None
+    distill = _Distillation(spec, student, device)
     student.to(device)
     memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
     student.to(memory_format=memory_format)
-    if distill is not None and distill.teacher is not None:
+    if distill.teacher is not None:
         distill.teacher.to(memory_format=memory_format)
+    stages = distill.stages
 
     model: nn.Module = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[local_rank] if device.type == "cuda" else None,
-            # AB's initialisation stage leaves the classifier out of the loss
-            find_unused_parameters=bool(spec.distill and spec.distill.init_iterations),
+            # a stage without the cross-entropy (AB's initialisation) leaves the classifier out
+            find_unused_parameters=not all(stage.cross_entropy for stage in stages),
         )
     params = list(student.parameters())
-    if distill is not None:
-        params += [p for p in distill.losses.parameters() if p.requires_grad]
+    params += [p for p in distill.losses.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
                                 weight_decay=r.weight_decay, nesterov=r.nesterov)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, r.milestones, gamma=r.gamma)
-    init_iters = spec.distill.init_iterations if spec.distill else 0
-    init_optimizer = None
-    if init_iters:
-        ab = distill.losses[0] if distill and len(distill.losses) else None
-        if ab is None or not hasattr(ab, "initialization_loss"):
-            raise KcdError(f"distill.init_iterations is only for methods with an "
-                           f"initialisation stage (ab), not '{spec.distill.method}'")
-        init_optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                         weight_decay=r.weight_decay)
+    # each stage's optimizer: the run's for the main stage, a stage's own before it
+    optimizers = [optimizer if stage.main else stage.optimizer(params) for stage in stages]
+    own = {stage.name: opt for stage, opt in zip(stages, optimizers) if not stage.main}
     stream = train_stream(spec.data, r.batch_size // world, seed=spec.seed, rank=rank,
                           world_size=world, channels_last=r.channels_last)
     check_num_classes(spec.data.name, spec.data.root, spec.num_classes)
-    total_steps = init_iters + r.iterations
+    total_steps = sum(stage.iterations for stage in stages)
+    main_start = sum(stage.iterations for stage in stages[:[s.main for s in stages].index(True)])
+    ends = list(itertools.accumulate(stage.iterations for stage in stages))
 
     step = 0
     ckpt_path = out / CHECKPOINT
@@ -320,10 +363,12 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
         student.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if init_optimizer is not None:
-            init_optimizer.load_state_dict(state["init_optimizer"])
-        if distill is not None:
-            distill.load_state_dict(state["distill"])
+        saved = state.get("stage_optimizers")
+        if saved is None and state.get("init_optimizer") is not None:
+            saved = {next(iter(own)): state["init_optimizer"]}  # written before stages had names
+        for name, opt in own.items():
+            opt.load_state_dict(saved[name])
+        distill.load_state_dict(state["distill"])
         stream.load_state_dict(state["stream"])
         set_rng_state(state["rng"])
         step = state["step"]
@@ -333,7 +378,7 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
 
     taps = ExitStack()
     s_tap = t_tap = None
-    if distill is not None and distill.uses_features:
+    if distill.uses_features:
         s_tap = taps.enter_context(FeatureTap(student, [s for _, s, _ in distill.pairs]))
         t_tap = taps.enter_context(FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
 
@@ -348,53 +393,52 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
     batches = stream.iterate_forever()
     with taps:
         while step < total_steps:
-            in_init = step < init_iters
-            it = step - init_iters  # the main-phase iteration (negative during AB's init stage)
-            if distill is not None and not in_init:
-                distill.set_anchor(it, device, spec.num_classes)
+            k = bisect.bisect_right(ends, step)  # the stage of this step
+            stage, opt = stages[k], optimizers[k]
+            it = step - main_start  # the main-stage iteration (negative before the main stage)
+            if stage.main:
+                distill.before_step(it)
             x, y = next(batches)
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            opt = init_optimizer if in_init else optimizer
             opt.zero_grad(set_to_none=True)
             m = r.micro_batches
             terms: dict[str, torch.Tensor] = {}
             for i in range(m):
                 xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
-                got = _forward_terms(model, distill, s_tap, t_tap, xi, yi, in_init)
+                got = _forward_terms(model, distill, s_tap, t_tap, xi, yi, k, it)
                 loss = sum(got.values())
                 if not torch.isfinite(loss):
-                    bad = [k for k, v in got.items() if not torch.isfinite(v)] or ["total"]
+                    bad = [n for n, v in got.items() if not torch.isfinite(v)] or ["total"]
                     raise KcdError(
                         f"loss term '{bad[0]}' is {got.get(bad[0], loss).item()} at iteration "
                         f"{it}; lower the learning rate or the method's weight"
                     )
                 (loss / m).backward()
-                for k, v in got.items():
-                    terms[k] = terms.get(k, 0.0) + v.detach() / m
-            if world > 1 and distill is not None:
+                for name, v in got.items():
+                    terms[name] = terms.get(name, 0.0) + v.detach() / m
+            if world > 1:
                 _average_gradients(distill.losses.parameters(), world)
             if r.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
             opt.step()
-            if not in_init:
+            if stage.main:
                 scheduler.step()
             step += 1
             bar.update(1)
-            for k, v in terms.items():  # summed on the device; read back at log time only
-                logged[k] = logged.get(k, 0.0) + v
+            for name, v in terms.items():  # summed on the device; read back at log time only
+                logged[name] = logged.get(name, 0.0) + v
             n_logged += 1
             if n_logged >= r.log_every or step == total_steps:
-                metrics = {f"train/{k}": float(v) / n_logged for k, v in logged.items()}
+                metrics = {f"train/{name}": float(v) / n_logged for name, v in logged.items()}
                 metrics["train/lr"] = opt.param_groups[0]["lr"]
                 if rank == 0:
                     tracker.log_metrics(metrics, step)
                 bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
                 logged, n_logged = {}, 0
-            if (distill is not None and spec.distill.dynamic_every and not in_init
-                    and (it + 1) % spec.distill.dynamic_every == 0):
-                distill.refresh_transforms()
-            if rank == 0 and not in_init and (it + 1) in anchors:
+            if stage.main:
+                distill.after_step(it)
+            if rank == 0 and stage.main and (it + 1) in anchors:
                 _save_model(student, spec, out / "anchors" / f"iter-{it + 1}.pt", it + 1)
             if rank == 0 and step % every == 0 and step < total_steps:
                 atomic_save(
@@ -404,8 +448,8 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
                         "model": student.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        "init_optimizer": init_optimizer.state_dict() if init_optimizer else None,
-                        "distill": distill.state_dict() if distill is not None else None,
+                        "stage_optimizers": {name: o.state_dict() for name, o in own.items()},
+                        "distill": distill.state_dict(),
                         "stream": stream.state_dict(),
                         "rng": rng_state(),
                     },
@@ -424,9 +468,9 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
     result = evaluate(
         student,
         eval_batches(spec.data, r.eval_batch_size),
-        teacher=distill.teacher if distill is not None else None,
-        layers=[(t, s) for t, s, _ in distill.pairs] if distill is not None else (),
-        transforms=distill.transforms if distill is not None else (),
+        teacher=distill.teacher,
+        layers=[(t, s) for t, s, _ in distill.pairs],
+        transforms=distill.transforms,
         device=device,
         channels_last=r.channels_last,
         progress=progress,
@@ -449,26 +493,31 @@ def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True
 
 def _forward_terms(
     model: nn.Module,
-    distill: _Distillation | None,
+    distill: _Distillation,
     s_tap: FeatureTap | None,
     t_tap: FeatureTap | None,
     x: torch.Tensor,
     y: torch.Tensor,
-    in_init: bool,
+    stage: int,
+    iteration: int,
 ) -> dict[str, torch.Tensor]:
-    """Forward one (micro-)batch: cross-entropy and the distillation terms, by name."""
+    """Forward one (micro-)batch in ``stage``: the cross-entropy (if the stage has it) and the
+    distillation terms, by name."""
     logits = model(x)
     terms: dict[str, torch.Tensor] = {}
-    if not in_init:
+    main = distill.stages[stage].main
+    if distill.stages[stage].cross_entropy:
         terms["ce"] = F.cross_entropy(logits, y)
-    if distill is not None and distill.teacher is not None:
+    if distill.teacher is not None:
         with torch.no_grad():
             t_logits = distill.teacher(x)
         s_feats = [s_tap.features[s] for _, s, _ in distill.pairs] if s_tap else []
         t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
-        terms.update(_loss_terms(distill, y, logits, t_logits, s_feats, t_feats, in_init))
-        if not in_init and any(d is not None for d in distill.dynamic):
-            distill.record(t_feats, s_feats)
+        batch = DistillBatch(labels=y, student_logits=logits, teacher_logits=t_logits,
+                             iteration=iteration)
+        terms.update(distill.terms(stage, batch, s_feats, t_feats))
+        if main:
+            distill.observe(t_feats, s_feats)
     return terms
 
 
@@ -481,32 +530,6 @@ def _average_gradients(params, world: int) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad.div_(world)
-
-
-def _loss_terms(
-    distill: _Distillation,
-    labels: torch.Tensor,
-    logits: torch.Tensor,
-    t_logits: torch.Tensor,
-    s_feats: list[torch.Tensor],
-    t_feats: list[torch.Tensor],
-    in_init: bool,
-) -> dict[str, torch.Tensor]:
-    """Named, weighted distillation terms of every loss module (one module per layer pair)."""
-    terms: dict[str, torch.Tensor] = {}
-    multi = len(distill.losses) > 1
-    for i, module in enumerate(distill.losses):
-        batch = DistillBatch(
-            labels=labels,
-            student_logits=logits,
-            teacher_logits=t_logits,
-            student_features=[s_feats[i]] if distill.uses_features else [],
-            teacher_features=[t_feats[i]] if distill.uses_features else [],
-        )
-        got = module.initialization_loss(batch) if in_init else module(batch)
-        for k, v in got.items():
-            terms[f"{k}/{i}" if multi else k] = v
-    return terms
 
 
 def _save_model(model: nn.Module, spec: TrainSpec, path: Path, iterations: int) -> None:

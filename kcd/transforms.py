@@ -27,6 +27,9 @@ Our interpretation for c_T < c_S (more student than teacher channels, not covere
 
 Per-class transforms (Table 6): :class:`PerClassTransform` holds K transforms for K equal groups of
 class labels and applies each sample's group's transform.
+
+Dynamic transforms (Table 5): :class:`DynamicMatching` re-matches a :class:`ChannelTransform`
+during distillation from the features the run sees.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from kcd.checkpoint import atomic_save, load_format
-from kcd.consistency import diagonal_consistency, gamma
+from kcd.consistency import ConsistencyStatistics, diagonal_consistency, gamma
 from kcd.errors import KcdError
+from kcd.features import global_avg_pool
 from kcd.registry import Registry
 
 _TRANSFORM_FORMAT = "kcd.transform"
@@ -367,6 +371,66 @@ def fit_learned_transform(
     module.meta.update(strategy=kind, metric=metric, steps=steps, lr=lr, seed=seed,
                        gamma_before=identity_gamma, gamma_init=gamma_init, gamma_after=gamma_after)
     return module
+
+
+# --------------------------------------------------------------------------------------------
+# Dynamic transforms (Table 5)
+# --------------------------------------------------------------------------------------------
+
+
+class DynamicMatching:
+    """Re-matches a :class:`ChannelTransform` during distillation (Table 5's dynamic transform).
+
+    The training loop shows it the teacher and student features of its pair at every main-stage
+    forward (:meth:`observe`); after every ``every``-th iteration (:meth:`after_step`) it
+    replaces the transform's channel map, in place, with the ``strategy`` matching on the
+    ``metric`` consistency of the features seen since the previous re-match (at least two
+    samples), and starts recording afresh. Under ``torch.distributed`` every rank takes rank
+    0's map. The transform file itself is never changed.
+    """
+
+    def __init__(self, transform: ChannelTransform, every: int, metric: str = "correlation",
+                 strategy: str = "bipartite") -> None:
+        if not isinstance(transform, ChannelTransform):
+            raise KcdError("distill.dynamic_every needs a channel transform file per pair")
+        if not isinstance(every, int) or every < 1:
+            raise KcdError(f"distill.dynamic_every must be a positive integer, got {every!r}")
+        self.transform = transform
+        self.every = every
+        self.metric = metric
+        self.strategy = strategy
+        self.stats = self._fresh()
+
+    def _fresh(self) -> ConsistencyStatistics:
+        return ConsistencyStatistics(self.transform.c_t, self.transform.c_s, metrics=[self.metric])
+
+    def observe(self, teacher: Tensor, student: Tensor) -> None:
+        """Record one batch of the pair's teacher and student features (pooled per channel)."""
+        self.stats.update(global_avg_pool(teacher).detach().float().cpu(),
+                          global_avg_pool(student).detach().float().cpu())
+
+    def after_step(self, iteration: int) -> None:
+        """Re-match after main-stage iteration ``iteration`` (0-based) when it ends a period."""
+        if (iteration + 1) % self.every == 0:
+            self.rematch()
+
+    def rematch(self) -> None:
+        """Replace the channel map from the recorded features, then reset the record."""
+        if self.stats.n < 2:
+            return
+        new = match(self.stats.matrix(self.metric), self.strategy)
+        index = self.transform.index
+        index.copy_(new.to(index.device))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast(index, src=0)  # every rank follows rank 0's match
+        self.stats = self._fresh()
+
+    def state_dict(self) -> dict:
+        """The features recorded since the last re-match (the map is the transform's buffer)."""
+        return self.stats.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats.load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------

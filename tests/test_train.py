@@ -251,14 +251,15 @@ def test_dynamic_transform_is_rematched_from_recorded_features(trained_pair, tmp
                       teacher_weights=str(pair / "teacher" / FINAL), transforms=[str(transform)],
                       dynamic_every=3)
     calls = []
-    import kcd.train as engine
+    import kcd.transforms as transforms
 
-    original = engine.match
-    engine.match = lambda m, strategy, seed=None: (calls.append(strategy), original(m, strategy))[1]
+    original = transforms.match
+    transforms.match = lambda m, strategy, seed=None: (calls.append(strategy),
+                                                       original(m, strategy))[1]
     try:
         result = train(spec, progress=False)
     finally:
-        engine.match = original
+        transforms.match = original
     assert calls == ["bipartite", "bipartite"]  # after iterations 3 and 6
     assert result["feature_l2"] is not None
     static = load_transform(transform)  # the file itself is never modified

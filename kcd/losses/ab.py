@@ -13,9 +13,11 @@ the elements are summed and divided by ``batch size * 1000``; pairs are summed. 
 extractor's business: this loss uses the features it is given.
 
 AB first trains the student's layers and the connectors with this loss alone (the
-"initialization" iterations), then trains normally; :meth:`ABLoss.initialization_loss` gives
-the unweighted loss for that first stage. With a transform the target is ``T(F^T)`` and the
-connector maps to the transform's ``c_s`` channels.
+"initialization" iterations, ``distill.init_iterations``), then trains normally:
+:meth:`ABLoss.stages` puts that stage before the main one, with the unweighted loss of
+:meth:`ABLoss.initialization_loss` and no cross-entropy, and with an SGD of its own (the
+recipe's learning rate, momentum and weight decay, without Nesterov or a schedule). With a
+transform the target is ``T(F^T)`` and the connector maps to the transform's ``c_s`` channels.
 
 After the initialisation stage, option ``throughout`` decides whether the weighted AB term
 stays in the loss. Default True: Section 4.1 gives AB a loss weight (10) "to balance" like the
@@ -29,9 +31,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
-from kcd.losses.base import DistillationLoss, DistillBatch, connector, require_positive
+from kcd.errors import KcdError
+from kcd.losses.base import (
+    DistillationLoss,
+    DistillBatch,
+    DistillContext,
+    Stage,
+    connector,
+    require_positive,
+)
 
 REFERENCE_SCALE = 1000.0
 """The authors' code divides the summed margin loss by batch size and by this constant."""
@@ -82,3 +93,25 @@ class ABLoss(DistillationLoss):
         """The loss of AB's initialization stage, to be used alone (no cross-entropy, no weight)."""
         self.validate(batch)
         return {"ab_init": self.margin_loss(batch)}
+
+    def setup(self, run: DistillContext) -> None:
+        """Take ``distill.init_iterations`` (0: no initialisation stage)."""
+        self.refuse(run, "anchors")
+        n = run.spec.init_iterations
+        if not isinstance(n, int) or n < 0:
+            raise KcdError(f"distill.init_iterations must be an integer >= 0, got {n!r}")
+
+    def stages(self, run: DistillContext) -> list[Stage]:
+        """The initialisation stage (if ``distill.init_iterations``), then the main stage."""
+        main = super().stages(run)
+        n = run.spec.init_iterations
+        if not n:
+            return main
+        r = run.recipe
+
+        def optimizer(params) -> torch.optim.Optimizer:
+            return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
+                                   weight_decay=r.weight_decay)
+
+        return [Stage("init", n, self.initialization_loss, cross_entropy=False,
+                      optimizer=optimizer), *main]

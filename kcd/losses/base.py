@@ -11,19 +11,35 @@ A transform is any ``nn.Module`` called as ``t(x, labels=None)`` that maps teach
 Algorithm 1 computes it before distillation starts (step 5), so during distillation it is
 fixed: a loss freezes its transforms, keeps them in eval mode and runs them without gradient.
 They are registered as submodules only so that ``loss.to(device)`` moves them too.
+
+A loss also owns its place in the training schedule, through optional hooks the training
+loop calls without knowing the method (their defaults make a loss that is simply added to the
+cross-entropy for the recipe's iterations):
+
+- :meth:`DistillationLoss.setup` once before training, with the run's
+  :class:`DistillContext`: take and check the method's settings of the spec (the base class
+  refuses an initialisation stage and a route of teacher anchors, which it would ignore);
+- :meth:`DistillationLoss.stages`: the stages of training in order (:class:`Stage`): AB puts
+  its initialisation stage, with an optimizer of its own, before the main stage;
+- :meth:`DistillationLoss.before_step` and :meth:`DistillationLoss.after_step` around each
+  iteration of the main stage (RCO switches the teacher to the anchor its route prescribes).
+
+The iteration also travels in the batch (:attr:`DistillBatch.iteration`), so a loss whose
+weight follows a schedule (a warm-up, say) needs nothing but its :meth:`terms`.
 """
 from __future__ import annotations
 
 import abc
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kcd.errors import KcdError
+from kcd.specs import DistillSpec, Recipe
 
 
 @dataclass
@@ -41,6 +57,46 @@ class DistillBatch:
     teacher_logits: Tensor | None = None
     student_features: list[Tensor] = field(default_factory=list)
     teacher_features: list[Tensor] = field(default_factory=list)
+    iteration: int = 0
+    """The 0-based iteration of the main stage; negative in the stages before it (-2 and -1 in
+    a two-iteration initialisation stage)."""
+
+
+OptimizerFactory = Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of training: its length, its loss terms and its optimizer.
+
+    The main stage (``optimizer`` None) is the recipe's: ``recipe.iterations`` iterations of
+    the run's optimizer and learning-rate schedule, with the cross-entropy. A stage before it
+    (AB's initialisation) names how its optimizer is built from the parameters (the student's
+    and the losses' trainable ones); its learning rate stays constant.
+    """
+
+    name: str
+    iterations: int
+    terms: Callable[[DistillBatch], dict[str, Tensor]]  # the named, weighted terms of a batch
+    cross_entropy: bool = True  # the task's cross-entropy joins the terms
+    optimizer: OptimizerFactory | None = None  # None: the run's optimizer and schedule
+
+    @property
+    def main(self) -> bool:
+        """Whether this is the main stage (the run's optimizer and learning-rate schedule)."""
+        return self.optimizer is None
+
+
+@dataclass
+class DistillContext:
+    """What a loss's hooks may use of the run they are part of: the distillation spec (the
+    method's settings: ``init_iterations``, ``anchors``...), the recipe, and loading a weights
+    file of the teacher's architecture into the teacher (RCO's anchors). The training engine
+    fills it in; losses never import the engine."""
+
+    spec: DistillSpec
+    recipe: Recipe
+    load_teacher: Callable[[str, str], None]  # (weights file, what it is, for errors)
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -156,6 +212,38 @@ class DistillationLoss(nn.Module, abc.ABC):
         """Validate ``batch`` and return the named, weighted loss terms."""
         self.validate(batch)
         return self.terms(batch)
+
+    # ----------------------------------------------------------------- training hooks
+
+    def setup(self, run: DistillContext) -> None:
+        """Take the run's settings before training starts (called once, before :meth:`stages`).
+
+        The base class has no initialisation stage and follows no route of teacher anchors,
+        so it refuses both rather than ignore them; a subclass that takes one of them handles
+        it and passes the other to :meth:`refuse`.
+        """
+        self.refuse(run, "init_iterations", "anchors")
+
+    def refuse(self, run: DistillContext, *settings: str) -> None:
+        """Raise :class:`KcdError` if the spec sets any of ``settings``, which this method
+        does not use (``init_iterations``, ``anchors``)."""
+        what = {"init_iterations": "an initialisation stage",
+                "anchors": "a route of teacher anchors"}
+        for name in settings:
+            if getattr(run.spec, name):
+                raise KcdError(f"distill.{name} is only for methods with {what[name]}, "
+                               f"not '{self.method}'")
+
+    def stages(self, run: DistillContext) -> list[Stage]:
+        """The stages of training in order; the default is the main stage alone, in which
+        this loss is added to the cross-entropy."""
+        return [Stage("main", run.recipe.iterations, self)]
+
+    def before_step(self, iteration: int, run: DistillContext) -> None:
+        """Called before each iteration of the main stage (0-based), before its batch."""
+
+    def after_step(self, iteration: int, run: DistillContext) -> None:
+        """Called after each iteration of the main stage, once the optimizer has stepped."""
 
     @abc.abstractmethod
     def terms(self, batch: DistillBatch) -> dict[str, Tensor]:

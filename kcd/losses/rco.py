@@ -3,9 +3,10 @@
 Instead of the converged teacher alone, the student follows a route of *anchor* checkpoints
 saved while the teacher was trained, from an early one to the final teacher, switching to the
 next anchor as its own training goes on. :class:`AnchorSchedule` says which anchor is current
-at each student iteration; the training loop loads that anchor's weights into the teacher, so
-:class:`RCOLoss` only ever sees "the teacher's outputs" in the batch, which are the current
-anchor's.
+at each student iteration; before each iteration :meth:`RCOLoss.before_step` has the training
+loop load that anchor's weights into the teacher (``distill.anchors``, in route order; without
+anchors the teacher stays the final one), so the loss itself only ever sees "the teacher's
+outputs" in the batch, which are the current anchor's.
 
 The loss follows the anchor with both of RCO's signals:
 
@@ -19,12 +20,13 @@ The loss follows the anchor with both of RCO's signals:
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 from torch import Tensor, nn
 
 from kcd.errors import KcdError
-from kcd.losses.base import DistillBatch, require_positive, softened_kl
+from kcd.losses.base import DistillBatch, DistillContext, require_positive, softened_kl
 from kcd.losses.fitnets import FitNetsLoss
 
 
@@ -95,8 +97,32 @@ class RCOLoss(FitNetsLoss):
         require_positive(self.method, "temperature", temperature)
         self.kd_weight = float(kd_weight)
         self.temperature = float(temperature)
+        self.anchors: list[str] = []
+        self.schedule: AnchorSchedule | None = None
 
     def terms(self, batch: DistillBatch) -> dict[str, Tensor]:
         assert batch.teacher_logits is not None  # checked by validate()
         kl = softened_kl(batch.student_logits, batch.teacher_logits, self.temperature)
         return {"rco_hint": self.weight * self.hint(batch), "rco_kd": self.kd_weight * kl}
+
+    def setup(self, run: DistillContext) -> None:
+        """Take the route of anchors (``distill.anchors``), which must all exist."""
+        self.refuse(run, "init_iterations")
+        self.anchors = list(run.spec.anchors)
+        self.schedule = None
+        if not self.anchors:
+            return
+        missing = [a for a in self.anchors if not os.path.isfile(a)]
+        if missing:
+            raise KcdError(f"RCO anchor {missing[0]} does not exist; the teacher's "
+                           "pre-training writes its anchors (methods.rco.anchors)")
+        self.schedule = AnchorSchedule(len(self.anchors), run.recipe.iterations)
+
+    def before_step(self, iteration: int, run: DistillContext) -> None:
+        """Load the anchor of ``iteration`` into the teacher when the route reaches a new one
+        (and at the first iteration of a run or of a resumed run)."""
+        if self.schedule is None:
+            return
+        index, changed = self.schedule.step(iteration)
+        if changed:
+            run.load_teacher(self.anchors[index], "RCO anchor")
