@@ -59,13 +59,31 @@ def _run_name(tags: dict) -> str:
     return "/".join(parts) + f"/s{tags.get('seed', 0)}"
 
 
-def _json_arg(value: str, flag: str) -> Any:
-    """A JSON argument given as text or as a file path (the workflow passes text)."""
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
+def _json_arg(value: str, flag: str) -> dict:
+    """A JSON object given as text or as a file path (the workflow passes text)."""
+    text = value
+    if not value.lstrip().startswith(("{", "[")) and not _looks_like_json(value):
+        path = Path(value)
+        if not path.is_file():
+            raise KcdError(f"{flag} {value} is neither a JSON object nor an existing file; "
+                           "pass the JSON text or the path of a file that holds it")
+        text = path.read_text()
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except ValueError as e:
         raise KcdError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise KcdError(f"{flag} must be a JSON object ({{...}}), got a "
+                       f"{type(data).__name__}: {text.strip()[:60]}")
+    return data
+
+
+def _looks_like_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _spec_arg(args: argparse.Namespace) -> dict:
@@ -105,8 +123,8 @@ def _train(args: argparse.Namespace, spec) -> None:
     from kcd.train import RESULT, train
 
     tags, params = _run_params(spec)
-    with _tracker(args, f"kcd-{spec.tags['dataset']}", _run_name(spec.tags), params,
-                  tags, out_dir=spec.out_dir) as tracker:
+    with _tracker(args, f"kcd-{spec.tags.get('dataset', spec.data.name)}", _run_name(spec.tags),
+                  params, tags, out_dir=spec.out_dir) as tracker:
         result = train(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / RESULT)
@@ -139,7 +157,11 @@ def cmd_init(args: argparse.Namespace) -> None:
     from kcd.config import num_classes
     from kcd.train import init_weights
 
-    classes = args.num_classes or num_classes(_config(args), args.dataset)
+    if args.num_classes is None and args.dataset is None:
+        raise KcdError("kcd init needs --num-classes N or --dataset NAME (whose class count "
+                       "the config gives)")
+    classes = (args.num_classes if args.num_classes is not None
+               else num_classes(_config(args), args.dataset))
     init_weights(args.arch, args.seed, classes, args.out)
     _summary(f"theta0 of {args.arch} seed {args.seed} ({classes} classes) -> {args.out}")
 
@@ -261,8 +283,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kcd.train import load_model
     from kcd.transforms import load_transform
 
+    from kcd.data.datasets import check_num_classes
+
     cfg = _config(args)
     classes = num_classes(cfg, args.dataset)
+    check_num_classes(args.dataset, cfg["datasets"][args.dataset]["root"], classes)
     model = load_model(args.arch, args.weights, classes, "weights")
     teacher = layers = None
     transforms = []

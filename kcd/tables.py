@@ -311,10 +311,27 @@ def _row_match(row: dict[str, Any]) -> list:
     return row.get("paper") or [["row", row.get("paper_row", row["label"])]]
 
 
+PLAN_KEYS = ("table", "dataset", "columns", "rows")  # what every table plan holds
+
+
+def check_plan(plan: Any) -> dict[str, Any]:
+    """Refuse a plan without the keys every table needs (kcd.plans writes them)."""
+    missing = [k for k in PLAN_KEYS if not isinstance(plan, dict) or k not in plan]
+    if missing:
+        raise KcdError(f"--plan: a table plan needs the keys {', '.join(PLAN_KEYS)}; missing "
+                       f"{', '.join(missing)} (the workflow writes plans with kcd.plans)")
+    rows = plan["rows"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "label" in r
+                                             and isinstance(r.get("cells"), dict) for r in rows):
+        raise KcdError("--plan: rows must be a list of {label, cells: {column: [results]}}")
+    return plan
+
+
 def build_table(plan: dict[str, Any]) -> pd.DataFrame:
     """Aggregate a plan's results into a DataFrame (one line per row)."""
     import pandas as pd
 
+    check_plan(plan)
     number = int(plan["table"])
     metric = plan.get("metric", "top1")
     paper = paper_table(number)
