@@ -45,8 +45,23 @@ def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: d
     if env:
         required = env in ("1", "true", "yes", "on")
     return MlflowTracker(uri, experiment, run_name, params=params,
-                         tags={**tags, "spec_hash": spec_hash(params)}, out_dir=out_dir,
+                         tags={**tags, **_tags_arg(args), "spec_hash": spec_hash(params)},
+                         out_dir=out_dir,
                          required=required, source=f"kcd {args.command}")
+
+
+def _tags_arg(args: argparse.Namespace) -> dict[str, str]:
+    """``--tags``: MLflow tags as a URL query string (``table=7%2C8&row=KD``)."""
+    from urllib.parse import parse_qsl
+
+    text = getattr(args, "tags", None)
+    if not text:
+        return {}
+    try:
+        return dict(parse_qsl(text, keep_blank_values=True, strict_parsing=True))
+    except ValueError:
+        raise KcdError(f"--tags {text!r} is not KEY=VALUE&... (URL-encoded, as the workflow "
+                       "passes it)") from None
 
 
 def _summary(text: str) -> None:
@@ -533,6 +548,9 @@ def _tracked(p: argparse.ArgumentParser) -> None:
     _runtime_flag(p)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config / environment)")
+    p.add_argument("--tags", help="more MLflow tags as a URL query string, e.g. "
+                                  "table=7%%2C8&row=KD (the workflow passes the tables and rows "
+                                  "a run fills)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ DAG's content is testable without Snakemake (``tests/test_plans.py``).
 """
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable
 
@@ -376,6 +377,38 @@ class Plans:
             raise KcdError(f"table {n} is not configured; configured: "
                            f"{', '.join(map(str, sorted(plans)))}")
         return plans[int(n)](int(n))
+
+    # ------------------------------------------------------------------ tracking tags
+
+    @functools.cached_property
+    def _rows_of_results(self) -> dict[str, dict[int, list[str]]]:
+        """result.json of a run -> {table: [row labels]} over every configured table (the
+        teacher's pre-training is the row ``Teacher``)."""
+        index: dict[str, dict[int, list[str]]] = {}
+        for n in self.table_plans():
+            plan = self.table_plan(n)
+            cells = [("Teacher", path) for path in plan.get("teacher_results", [])]
+            cells += [(row["label"], c) for row in plan["rows"]
+                      for cell in row["cells"].values() for c in cell if isinstance(c, str)]
+            for label, path in cells:
+                labels = index.setdefault(path, {}).setdefault(n, [])
+                if label not in labels:
+                    labels.append(label)
+        return index
+
+    def run_tags(self, result: str) -> dict[str, str]:
+        """MLflow tags of the run whose result is ``result``: the scale, every table it fills
+        (``table``: ``7,8``), its row in each (``table8``: ``FitNets``) and all its rows
+        (``row``). Run-time data (the workflow passes them apart from the spec), so adding a
+        table to the config tags runs without re-running them."""
+        tables = self._rows_of_results.get(result, {})
+        tags = {"scale": str(self.cfg["scale"])}
+        if tables:
+            tags["table"] = ",".join(str(n) for n in sorted(tables))
+            tags["row"] = "; ".join(dict.fromkeys(label for n in sorted(tables)
+                                                  for label in tables[n]))
+            tags.update({f"table{n}": "; ".join(labels) for n, labels in tables.items()})
+        return tags
 
     @staticmethod
     def plan_inputs(plan: dict) -> list[str]:

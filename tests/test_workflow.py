@@ -247,3 +247,29 @@ def test_a_failed_job_ends_with_kcds_error_line_on_the_terminal(tmp_path):
     last = [line for line in block[:end] if line.strip()][-1]
     assert last.startswith("kcd: error:") and "learning rate" in last, run.stderr[-3000:]
     assert "Traceback" not in "\n".join(block)
+
+
+def test_the_readmes_mlflow_filters_find_every_row(built):
+    """The README's two search-box filters, on the tiny DAG's Table 7 (for Table 8's): every
+    run of the table, Baseline and Teacher included; FitNets beside Ours + FitNets."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("<!-- mlflow-filters"):]
+    filters = re.search(r"```text\n(.*?)```", block, re.S)[1].strip().splitlines()
+    assert len(filters) == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{built / 'results' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("kcd-cifar100")
+
+    def search(f: str):
+        f = f.replace("table8", "table7").replace("resnet18", "resnet20_0.5x")
+        return client.search_runs([exp.experiment_id], filter_string=f)
+
+    every = search(filters[0])
+    assert sorted(r.data.tags["table7"] for r in every) == sorted(ROWS + ["Teacher"])
+    assert all(r.data.tags["scale"] == "demo" and r.data.tags["table"] == "7" for r in every)
+    fitnets = search(filters[1])
+    assert sorted(r.data.tags["table7"] for r in fitnets) == ["FitNets", "Ours + FitNets"]
+    assert all(r.info.status == "FINISHED" for r in every)

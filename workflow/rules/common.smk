@@ -5,6 +5,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from urllib.parse import urlencode
 
 
 from kcd.config import mark_results_scale, workflow_config
@@ -147,6 +148,11 @@ def result_fields(spec_fn):
 def runtime_fields(spec_fn):
     """resources: the spec's run-time fields, passed as `--runtime` (not a rerun trigger)."""
     return lambda w: runtime_text(split_runtime(spec_fn(w))[1])
+
+
+def run_tags(result_fn):
+    """resources: the MLflow tags of a run (its tables and rows), passed as `--tags`."""
+    return lambda w: urlencode(P.run_tags(result_fn(w)))
 
 
 def run_wildcards(w):

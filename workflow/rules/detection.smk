@@ -32,6 +32,7 @@ rule detect_pretrain:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
         tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
+        tags=run_tags(lambda w: L.model_file(w.ds, w.arch, w.seed)),
         run_options=runtime_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=gpus("pretrain"),
@@ -39,7 +40,7 @@ rule detect_pretrain:
         spec=result_fields(lambda w: P.detect_pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
         "> {log:q} 2>&1"
 
 
@@ -83,6 +84,7 @@ rule detect_distill:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
         tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
+        tags=run_tags(lambda w: L.run_file(*run_wildcards(w))),
         run_options=runtime_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=gpus("distill"),
@@ -90,5 +92,5 @@ rule detect_distill:
         spec=result_fields(lambda w: P.detect_distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} detect-train --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
         "> {log:q} 2>&1"

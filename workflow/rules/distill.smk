@@ -18,6 +18,7 @@ rule distill:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:
         tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
+        tags=run_tags(lambda w: L.run_file(*run_wildcards(w))),
         run_options=runtime_fields(lambda w: P.distill_spec(*run_wildcards(w))),
         launch=lambda w: launch("distill", f"distill-{w.ds}-{w.student}-{w.method}-{w.transform}-s{w.seed}", w.ds),
         gpus=gpus("distill"),
@@ -25,5 +26,5 @@ rule distill:
         spec=result_fields(lambda w: P.distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
         "> {log:q} 2>&1"

@@ -16,6 +16,7 @@ rule pretrain:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:
         tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
+        tags=run_tags(lambda w: L.model_file(w.ds, w.arch, w.seed)),
         run_options=runtime_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
         launch=lambda w: launch("pretrain", f"pretrain-{w.ds}-{w.arch}-s{w.seed}", w.ds),
         gpus=gpus("pretrain"),
@@ -23,5 +24,5 @@ rule pretrain:
         spec=result_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
         "> {log:q} 2>&1"
