@@ -9,7 +9,8 @@ only makes sense on top of pretrained weights), and the last batch norm of every
 branch starts at zero (see :func:`build_detector`). Two sizes shape the weights and are
 recorded in every weights file: the FPN width (``fpn_channels``, torchvision's 256) and the
 width of the two-layer box head (``representation_size``, torchvision's 1024); the demo
-shrinks both. What shapes only the computation is part of the run's :class:`DetectionSpec`:
+shrinks both. What shapes only the computation is part of the run's
+:class:`~kcd.specs.DetectionSpec`:
 the resize of torchvision's ``GeneralizedRCNNTransform`` (``min_size``/``max_size``), the
 anchor size of each of the five FPN levels and FasterRCNN's numeric keyword arguments
 (``options``: proposal counts, sampling sizes, thresholds).
@@ -40,9 +41,10 @@ backbone sees. Table 9's settings map onto :mod:`kcd.losses` as follows (our int
 A run (:func:`train_detector`) is iteration-based SGD with a multi-step schedule and an
 optional linear warm-up (Detectron's schedules start with one), sampling images in a seeded
 per-epoch order with seeded horizontal flips, so the batches of an iteration depend only on the
-seed and the iteration. It writes an atomic checkpoint every ``checkpoint_every`` iterations
-(a rerun resumes from it and ends with the same weights as an uninterrupted run on the CPU),
-stops on a NaN/inf loss naming the iteration and the term, and ends with ``final.pt`` and
+seed and the iteration. It runs in the loop every engine shares (:func:`kcd.run.run`): an atomic
+checkpoint every ``checkpoint_every`` iterations (a rerun resumes from it and ends with the same
+weights as an uninterrupted run on the CPU); it stops on a NaN/inf loss naming the iteration and
+the term, and ends with ``final.pt`` and
 ``result.json`` (COCO AP, AP50 and AP75 in percent on the evaluation split; written last, its
 presence means done). Of the :class:`~kcd.specs.Recipe`, ``channels_last`` applies to student and
 teacher (faster for bottleneck backbones on the CPU) and ``micro_batches`` must be 1; of the
@@ -56,9 +58,6 @@ import contextlib
 import inspect
 import io
 import os
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -75,78 +74,34 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
-from kcd.checkpoint import (
-    atomic_save,
-    atomic_write_json,
-    load_file,
-    load_model_weights,
-    rng_state,
-    set_rng_state,
-)
+from kcd.checkpoint import atomic_save, load_model_weights
 from kcd.consistency import ConsistencyStatistics
 from kcd.data.datasets import CheckedCocoDetection, build_dataset, coco_target_to_tensors
-from kcd.data.streams import _mix
+from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
-from kcd.specs import DataSpec, Recipe, from_dict, to_dict
-from kcd.train import CHECKPOINT, FINAL, RESULT, Tracker, _checkpoint_every, _fingerprint
+from kcd.run import FINAL, RunTask, Tracker, finite_total, run
+from kcd.specs import (  # the specs' home is kcd.specs; kcd.config imports ANCHOR_SIZES here
+    ANCHOR_SIZES,
+    DataSpec,
+    DetectionDistill,
+    DetectionSpec,
+    Recipe,
+    from_dict,
+    to_dict,
+)
 from kcd.transforms import PerClassTransform, load_transform
 
 LAYER = "backbone.body.layer4:pre_relu"
 """The distilled layer: the backbone's last stage before its final ReLU (Section 4.1)."""
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-ANCHOR_SIZES = [32, 64, 128, 256, 512]
-"""torchvision's anchor sizes of the five FPN levels (P2-P6) for COCO-size images."""
-
 METHODS = ("l2",)
 TRAIN_SPLIT, EVAL_SPLIT = "train", "val"
 
-
-@dataclass
-class DetectionDistill:
-    """The distillation part of a detection run (absent when pre-training)."""
-
-    teacher: str  # the teacher's backbone, e.g. resnet152
-    teacher_weights: str  # the teacher detector's final.pt
-    method: str = "l2"  # plain feature L2; "Ours" is l2 with a transform
-    weight: float = 1e-4  # Section 4.1, on the per-image sum of squares (module docstring)
-    transform: str | None = None  # a channel transform file (kcd.statistics.make_transform)
-
-
-@dataclass
-class DetectionSpec:
-    """One detection job: pre-training (``distill`` is None) or a distillation run."""
-
-    backbone: str
-    seed: int
-    num_classes: int  # largest category id + 1 (kcd.data.datasets.num_classes)
-    theta0: str
-    out_dir: str
-    data: DataSpec
-    recipe: Recipe
-    min_size: int = 800  # GeneralizedRCNNTransform: shorter side after resizing
-    max_size: int = 1333  # ... and the cap on the longer side
-    anchor_sizes: list[int] = field(default_factory=lambda: list(ANCHOR_SIZES))
-    options: dict[str, int | float] = field(default_factory=dict)  # numeric FasterRCNN args
-    warmup_iterations: int = 0  # linear warm-up from lr / 3 (Detectron's factor)
-    distill: DetectionDistill | None = None
-    tags: dict[str, Any] = field(default_factory=dict)  # identity: dataset, teacher, method...
-
-
 def spec_from_dict(data: Any) -> DetectionSpec:
-    """Build a :class:`DetectionSpec` from its JSON form, naming any unknown or missing key."""
-    if isinstance(data, DetectionSpec):
-        return data
-    if not isinstance(data, dict):
-        raise KcdError(f"DetectionSpec must be a mapping, got {type(data).__name__}")
-    nested = {"data": DataSpec, "recipe": Recipe, "distill": DetectionDistill}
-    data = {
-        key: from_dict(nested[key], value, f"DetectionSpec.{key}")
-        if key in nested and value is not None else value
-        for key, value in data.items()
-    }
+    """``kcd.specs.from_dict(DetectionSpec, data)``, kept here for kcd.config and kcd.cli."""
     return from_dict(DetectionSpec, data)
 
 
@@ -348,7 +303,7 @@ def _train_plan(n: int, batch_size: int, seed: int, start: int, stop: int
     for step in range(start, stop):
         epoch, b = divmod(step, per_epoch)
         if epoch != drawn_epoch:
-            g = torch.Generator().manual_seed(_mix(seed, epoch))
+            g = torch.Generator().manual_seed(mix_seed(seed, epoch))
             order = torch.randperm(n, generator=g).tolist()
             flips = (torch.rand(n, generator=g) < 0.5).tolist()
             drawn_epoch = epoch
@@ -583,136 +538,98 @@ def _lr(spec: DetectionSpec, step: int) -> float:
     return r.lr * factor
 
 
-def _loss_terms(model: FasterRCNN, distill: _Distillation | None, images: list[Tensor],
-                targets: list[dict[str, Tensor]], step: int) -> dict[str, Tensor]:
-    """The detector's four losses and the distillation term, checked to be finite."""
-    terms = model(images, targets)
-    if distill is not None:
-        terms.update(distill.terms())
-    for name, value in terms.items():
-        if not torch.isfinite(value):
-            raise KcdError(f"loss term '{name}' is {value.item()} at iteration {step}; lower the "
-                           "learning rate or the distillation weight")
-    return terms
-
-
 def train_detector(spec: DetectionSpec, tracker: Tracker | None = None, progress: bool = True
                    ) -> dict:
     """Run (or resume) one detection job and return its result (also in ``result.json``)."""
-    r = spec.recipe
-    _check_recipe(r)
-    out, device = Path(spec.out_dir), _device()
-    dataset = _dataset(spec.data, TRAIN_SPLIT)
-    largest = max(dataset.coco.getCatIds(), default=0)
-    if largest >= spec.num_classes:
-        raise KcdError(f"category id {largest} needs num_classes > {largest}, "
-                       f"got {spec.num_classes}")
-    torch.manual_seed(spec.seed)  # the RPN's and the box head's samplers draw from it
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    model = _load_for_spec(spec, spec.backbone, spec.theta0, "theta0")
-    model.to(device, memory_format=memory_format)
-    distill = _Distillation(spec, model, device) if spec.distill else None
-    if distill is not None:
-        distill.teacher.to(memory_format=memory_format)
-    params = list(model.parameters())
-    if distill is not None:
-        params += [p for p in distill.loss.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                weight_decay=r.weight_decay, nesterov=r.nesterov)
+    return run(spec, _DetectionRun(spec, progress), tracker, progress)
 
-    step = _resume(spec, out / CHECKPOINT, model, optimizer, distill)
-    items = _Items(dataset)
-    plan = _train_plan(len(items), r.batch_size, spec.seed, step, r.iterations)
-    every = _checkpoint_every(spec)  # type: ignore[arg-type]
-    bar = tqdm(total=r.iterations, initial=step, disable=not progress,
-               desc=f"{spec.backbone} {spec.tags.get('method', '')}".strip(),
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    logged: dict[str, float] = {}
-    n_logged = 0
-    started = time.time()
-    model.train()
-    try:
-        for images, targets in _loader(items, plan, spec.data.workers):
-            images, targets = _to_device(images, targets, device)
-            for group in optimizer.param_groups:
-                group["lr"] = _lr(spec, step)
-            terms = _loss_terms(model, distill, images, targets, step)
-            optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
-            if r.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], r.grad_clip)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % every == 0 and step < r.iterations:
-                _save_checkpoint(spec, out / CHECKPOINT, step, model, optimizer, distill)
-            for k, v in terms.items():
-                logged[k] = logged.get(k, 0.0) + float(v.detach())
-            n_logged += 1
-            if n_logged >= r.log_every or step == r.iterations:
-                metrics = {f"train/{k}": v / n_logged for k, v in logged.items()}
-                metrics["train/lr"] = optimizer.param_groups[0]["lr"]
-                if tracker is not None:
-                    tracker.log_metrics(metrics, step)
-                bar.set_postfix(loss=f"{sum(logged.values()) / n_logged:.3f}")
-                logged, n_logged = {}, 0
-    finally:
-        bar.close()
+
+class _DetectionRun(RunTask):
+    """A detector's pre-training or distillation run, as the run loop drives it."""
+
+    def __init__(self, spec: DetectionSpec, progress: bool) -> None:
+        self.spec, self.progress = spec, progress
+        r = self.recipe = spec.recipe
+        _check_recipe(r)
+        self.device = _device()
+        dataset = _dataset(spec.data, TRAIN_SPLIT)
+        largest = max(dataset.coco.getCatIds(), default=0)
+        if largest >= spec.num_classes:
+            raise KcdError(f"category id {largest} needs num_classes > {largest}, "
+                           f"got {spec.num_classes}")
+        torch.manual_seed(spec.seed)  # the RPN's and the box head's samplers draw from it
+        memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+        model = self.model = _load_for_spec(spec, spec.backbone, spec.theta0, "theta0")
+        model.to(self.device, memory_format=memory_format)
+        distill = self.distill = (_Distillation(spec, model, self.device) if spec.distill
+                                  else None)
         if distill is not None:
-            distill.close()
-    train_seconds = time.time() - started
-    return _finish(spec, model, out, train_seconds, tracker, progress)
+            distill.teacher.to(memory_format=memory_format)
+        params = list(model.parameters())
+        if distill is not None:
+            params += [p for p in distill.loss.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
+                                         weight_decay=r.weight_decay, nesterov=r.nesterov)
+        self.items = _Items(dataset)
+        self._batches: Iterator | None = None
+        self.steps = self.iterations = r.iterations
+        self.description = f"{spec.backbone} {spec.tags.get('method', '')}".strip()
+        model.train()
 
+    def step(self, step: int) -> dict[str, float]:
+        r, spec = self.recipe, self.spec
+        if self._batches is None:  # the batches of iterations step .. iterations - 1
+            plan = _train_plan(len(self.items), r.batch_size, spec.seed, step, r.iterations)
+            self._batches = iter(_loader(self.items, plan, spec.data.workers))
+        images, targets = _to_device(*next(self._batches), self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = _lr(spec, step)
+        terms = self.model(images, targets)  # the detector's four losses
+        if self.distill is not None:
+            terms.update(self.distill.terms())
+        total = finite_total(terms, step, "the distillation weight")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if r.grad_clip:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], r.grad_clip)
+        self.optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
 
-def _resume(spec: DetectionSpec, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            distill: _Distillation | None) -> int:
-    """Load the run's checkpoint if there is one; return the iteration to continue from."""
-    if not path.exists():
-        return 0
-    state = load_file(path, "checkpoint")
-    if not isinstance(state, dict) or state.get("spec_hash") != _fingerprint(spec):
-        raise KcdError(f"checkpoint {path} belongs to another version of this run (its spec "
-                       "changed); delete it to start over")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if distill is not None:
-        distill.loss.load_state_dict(state["distill"])
-    set_rng_state(state["rng"])
-    print(f"kcd: resuming {path.parent} from its checkpoint at iteration {state['step']} of "
-          f"{spec.recipe.iterations}", file=sys.stderr, flush=True)
-    return state["step"]
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "distill": self.distill.loss.state_dict() if self.distill is not None else None,
+        }
 
-def _save_checkpoint(spec: DetectionSpec, path: Path, step: int, model: nn.Module,
-                     optimizer: torch.optim.Optimizer, distill: _Distillation | None) -> None:
-    atomic_save(
-        {
-            "spec_hash": _fingerprint(spec),
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "distill": distill.loss.state_dict() if distill is not None else None,
-            "rng": rng_state(),
-        },
-        path,
-    )
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.distill is not None:
+            self.distill.loss.load_state_dict(state["distill"])
 
+    def close(self) -> None:
+        self._batches = None  # stops the loader's workers
+        if self.distill is not None:
+            self.distill.close()
 
-def _finish(spec: DetectionSpec, model: FasterRCNN, out: Path, train_seconds: float,
-            tracker: Tracker | None, progress: bool) -> dict:
-    """Write ``final.pt``, evaluate, write ``result.json`` last and drop the checkpoint."""
-    _save_detector(model, out / FINAL, backbone=spec.backbone, seed=spec.seed,
-                   num_classes=spec.num_classes, fpn_channels=model.backbone.out_channels,
-                   representation_size=model.roi_heads.box_head.fc7.out_features,
-                   iterations=spec.recipe.iterations)
-    result = evaluate_detector(model, spec.data, batch_size=spec.recipe.eval_batch_size,
-                               progress=progress)
-    result.update(iterations=spec.recipe.iterations, train_seconds=round(train_seconds, 2),
-                  backbone=spec.backbone, seed=spec.seed, tags=spec.tags, spec=to_dict(spec))
-    if tracker is not None:
-        tracker.log_metrics({f"eval/{k}": result[k] for k in ("AP", "AP50", "AP75")},
-                            spec.recipe.iterations)
-    atomic_write_json(result, out / RESULT)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    return result
+    def finish(self, train_seconds: float) -> dict:
+        """Write ``final.pt`` and evaluate; the run loop writes ``result.json``."""
+        spec, model = self.spec, self.model
+        _save_detector(model, Path(spec.out_dir) / FINAL, backbone=spec.backbone, seed=spec.seed,
+                       num_classes=spec.num_classes, fpn_channels=model.backbone.out_channels,
+                       representation_size=model.roi_heads.box_head.fc7.out_features,
+                       iterations=spec.recipe.iterations)
+        result = evaluate_detector(model, spec.data, batch_size=spec.recipe.eval_batch_size,
+                                   progress=self.progress)
+        result.update(iterations=spec.recipe.iterations, train_seconds=round(train_seconds, 2),
+                      backbone=spec.backbone, seed=spec.seed, tags=spec.tags, spec=to_dict(spec))
+        return result
+
+    def eval_metrics(self, result: dict) -> dict[str, float]:
+        return {f"eval/{k}": result[k] for k in ("AP", "AP50", "AP75")}

@@ -3,11 +3,13 @@
 A spec is built from the config by :mod:`kcd.config` (or by hand in a notebook), travels to
 the job as JSON, and is turned back into these dataclasses by :func:`from_dict`, which
 rejects unknown keys by name. The engines take specs; they never read the config file.
+This module imports no torch: the workflow and the config tools read specs without it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -113,6 +115,42 @@ class StatisticsSpec:
     max_images: int | None = None  # every k-th training image up to this many (None: all)
 
 
+ANCHOR_SIZES = [32, 64, 128, 256, 512]
+"""torchvision's anchor sizes of the five FPN levels (P2-P6) for COCO-size images."""
+
+
+@dataclass
+class DetectionDistill:
+    """The distillation part of a detection run (absent when pre-training)."""
+
+    teacher: str  # the teacher's backbone, e.g. resnet152
+    teacher_weights: str  # the teacher detector's final.pt
+    method: str = "l2"  # plain feature L2; "Ours" is l2 with a transform
+    weight: float = 1e-4  # Section 4.1, on the per-image sum of squares (kcd.detection)
+    transform: str | None = None  # a channel transform file (kcd.statistics.make_transform)
+
+
+@dataclass
+class DetectionSpec:
+    """One detection job (Table 9, :mod:`kcd.detection`): pre-training (``distill`` is None)
+    or a distillation run."""
+
+    backbone: str
+    seed: int
+    num_classes: int  # largest category id + 1 (kcd.data.datasets.num_classes)
+    theta0: str
+    out_dir: str
+    data: DataSpec
+    recipe: Recipe
+    min_size: int = 800  # GeneralizedRCNNTransform: shorter side after resizing
+    max_size: int = 1333  # ... and the cap on the longer side
+    anchor_sizes: list[int] = field(default_factory=lambda: list(ANCHOR_SIZES))
+    options: dict[str, int | float] = field(default_factory=dict)  # numeric FasterRCNN args
+    warmup_iterations: int = 0  # linear warm-up from lr / 3 (Detectron's factor)
+    distill: DetectionDistill | None = None
+    tags: dict[str, Any] = field(default_factory=dict)  # identity: dataset, teacher, method...
+
+
 # Fields that change how a job runs, not what it computes. The workflow passes them apart
 # from the spec (``--runtime``), so changing one re-runs nothing; a checkpoint written under
 # other values still resumes.
@@ -173,6 +211,14 @@ def merge_runtime(spec: dict, runtime: dict) -> dict:
     return out
 
 
+def fingerprint(spec: Any) -> str:
+    """A hash of everything in a run's spec that shapes the run: not its run-time fields
+    (:data:`RUNTIME_FIELDS`) nor its tags. A checkpoint resumes only under the same one."""
+    d, _ = split_runtime(to_dict(spec))
+    d.pop("tags", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass ``cls`` from nested dicts, naming any unknown or missing key."""
     where = where or cls.__name__
@@ -212,4 +258,7 @@ _NESTED = {
     ("TrainSpec", "distill"): DistillSpec,
     ("DistillSpec", "layers"): LayerPair,
     ("StatisticsSpec", "data"): DataSpec,
+    ("DetectionSpec", "data"): DataSpec,
+    ("DetectionSpec", "recipe"): Recipe,
+    ("DetectionSpec", "distill"): DetectionDistill,
 }

@@ -8,10 +8,12 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
   stages the distillation loss asks for (:meth:`~kcd.losses.base.DistillationLoss.stages`:
   AB's initialisation stage comes first, with an optimizer of its own); the loss's hooks run
   around each main-stage iteration (RCO's teacher anchors) and so do the dynamic transforms
-  (Table 5, :class:`~kcd.transforms.DynamicMatching`). The engine knows no method by name;
-- writes an atomic checkpoint (model, optimizer, scheduler, loss modules, data stream and every
-  RNG state) every ``checkpoint_every`` iterations, and a rerun of the same command resumes
-  from it, ending bit-identical to an uninterrupted run on the CPU;
+  (Table 5, :class:`~kcd.transforms.DynamicMatching`). Beyond the registry's ``baseline``
+  (no loss at all), the engine knows no method by name;
+- runs in the loop every engine shares (:func:`kcd.run.run`), which writes an atomic
+  checkpoint (here: model, optimizers, scheduler, loss modules, data stream, and every RNG
+  state) every ``checkpoint_every`` iterations; a rerun of the same command resumes from it,
+  ending bit-identical to an uninterrupted run on the CPU;
 - stops on a NaN/inf loss with an error naming the iteration and the loss term;
 - runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks); each
   rank takes a strided share of every global batch, so the processes together see exactly the
@@ -25,30 +27,17 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
 from __future__ import annotations
 
 import bisect
-import hashlib
 import itertools
-import json
 import os
-import sys
-import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from kcd.checkpoint import (
-    atomic_save,
-    atomic_write_json,
-    load_file,
-    load_model_weights,
-    rng_state,
-    set_rng_state,
-)
+from kcd.checkpoint import atomic_save, load_model_weights
 from kcd.data.datasets import check_num_classes
 from kcd.data.streams import eval_batches, train_stream
 from kcd.errors import KcdError
@@ -57,24 +46,11 @@ from kcd.features import FeatureTap, feature_shapes
 from kcd.losses import BASELINE, LOSSES, build_loss
 from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
-from kcd.specs import DistillSpec, LayerPair, TrainSpec, split_runtime, to_dict
+from kcd.run import CHECKPOINT, FINAL, RESULT, RunTask, Tracker, finite_total, run
+
+__all__ = ["CHECKPOINT", "FINAL", "RESULT", "Tracker", "init_weights", "load_model", "train"]
+from kcd.specs import DistillSpec, LayerPair, TrainSpec, to_dict
 from kcd.transforms import ChannelTransform, DynamicMatching, load_transform
-
-CHECKPOINT = "checkpoint.pt"
-FINAL = "final.pt"
-RESULT = "result.json"
-
-
-class Tracker(Protocol):
-    """What the engine needs from experiment tracking (see :mod:`kcd.tracking`)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-
-class _NullTracker:
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
 
 # --------------------------------------------------------------------------- theta0
 
@@ -303,192 +279,173 @@ def _check_transform(t: nn.Module, path: str, arch: str, teacher: str, layer: st
         )
 
 
-def _checkpoint_every(spec: TrainSpec) -> int:
-    return spec.recipe.checkpoint_every or max(1, spec.recipe.iterations // 10)
-
-
 def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True) -> dict:
     """Run (or resume) one training job and return its result (also in ``result.json``)."""
-    tracker = tracker or _NullTracker()
-    out = Path(spec.out_dir)
-    r = spec.recipe
-    if r.iterations < 1 or r.batch_size < 1 or not r.lr > 0:
-        raise KcdError("recipe needs iterations >= 1, batch_size >= 1 and lr > 0")
-    rank, local_rank, world = _distributed()
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if r.micro_batches < 1 or r.batch_size % (world * r.micro_batches):
-        raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} process(es) "
-                       f"x {r.micro_batches} micro-batch(es)")
+    return run(spec, _Classification(spec, progress), tracker, progress)
 
-    torch.manual_seed(spec.seed)
-    student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
-    distill = _Distillation(spec, student, device)
-    student.to(device)
-    memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
-    student.to(memory_format=memory_format)
-    if distill.teacher is not None:
-        distill.teacher.to(memory_format=memory_format)
-    stages = distill.stages
 
-    model: nn.Module = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[local_rank] if device.type == "cuda" else None,
-            # a stage without the cross-entropy (AB's initialisation) leaves the classifier out
-            find_unused_parameters=not all(stage.cross_entropy for stage in stages),
-        )
-    params = list(student.parameters())
-    params += [p for p in distill.losses.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                weight_decay=r.weight_decay, nesterov=r.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, r.milestones, gamma=r.gamma)
-    # each stage's optimizer: the run's for the main stage, a stage's own before it
-    optimizers = [optimizer if stage.main else stage.optimizer(params) for stage in stages]
-    own = {stage.name: opt for stage, opt in zip(stages, optimizers) if not stage.main}
-    stream = train_stream(spec.data, r.batch_size // world, seed=spec.seed, rank=rank,
-                          world_size=world, channels_last=r.channels_last)
-    check_num_classes(spec.data.name, spec.data.root, spec.num_classes)
-    total_steps = sum(stage.iterations for stage in stages)
-    main_start = sum(stage.iterations for stage in stages[:[s.main for s in stages].index(True)])
-    ends = list(itertools.accumulate(stage.iterations for stage in stages))
+class _Classification(RunTask):
+    """A pre-training or distillation run of an image classifier, as the run loop drives it."""
 
-    step = 0
-    ckpt_path = out / CHECKPOINT
-    fingerprint = _fingerprint(spec)
-    if ckpt_path.exists():
-        state = load_file(ckpt_path, "checkpoint")
-        if state.get("spec_hash") != fingerprint:
-            raise KcdError(f"checkpoint {ckpt_path} belongs to another version of this run "
-                           "(its spec changed); delete it to start over")
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    def __init__(self, spec: TrainSpec, progress: bool) -> None:
+        self.spec = spec
+        self.progress = progress
+        self.out = Path(spec.out_dir)
+        r = self.recipe = spec.recipe
+        if r.iterations < 1 or r.batch_size < 1 or not r.lr > 0:
+            raise KcdError("recipe needs iterations >= 1, batch_size >= 1 and lr > 0")
+        self.rank, local_rank, self.world = _distributed()
+        world = self.world
+        device = self.device = torch.device(
+            f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if r.micro_batches < 1 or r.batch_size % (world * r.micro_batches):
+            raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} "
+                           f"process(es) x {r.micro_batches} micro-batch(es)")
+
+        torch.manual_seed(spec.seed)
+        student = self.student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
+        distill = self.distill = _Distillation(spec, student, device)
+        student.to(device)
+        self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
+        student.to(memory_format=self.memory_format)
+        if distill.teacher is not None:
+            distill.teacher.to(memory_format=self.memory_format)
+        stages = self.stages = distill.stages
+
+        self.model: nn.Module = student
+        if world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                student, device_ids=[local_rank] if device.type == "cuda" else None,
+                # a stage without the cross-entropy (AB's initialisation) leaves the classifier out
+                find_unused_parameters=not all(stage.cross_entropy for stage in stages),
+            )
+        params = self.params = list(student.parameters())
+        params += [p for p in distill.losses.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
+                                         weight_decay=r.weight_decay, nesterov=r.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.milestones,
+                                                              gamma=r.gamma)
+        # each stage's optimizer: the run's for the main stage, a stage's own before it
+        self.optimizers = [self.optimizer if stage.main else stage.optimizer(params)
+                           for stage in stages]
+        self.own = {stage.name: opt for stage, opt in zip(stages, self.optimizers)
+                    if not stage.main}
+        self.stream = train_stream(spec.data, r.batch_size // world, seed=spec.seed,
+                                   rank=self.rank, world_size=world,
+                                   channels_last=r.channels_last)
+        check_num_classes(spec.data.name, spec.data.root, spec.num_classes)
+        self.steps = sum(stage.iterations for stage in stages)
+        self.iterations = r.iterations
+        self.main_start = sum(s.iterations for s in stages[:[s.main for s in stages].index(True)])
+        self.ends = list(itertools.accumulate(stage.iterations for stage in stages))
+        self.description = f"{spec.arch} {spec.tags.get('method', '')}".strip()
+        self.anchors = set(spec.anchor_iterations)
+        self._batches = None
+        self._opt = self.optimizers[0]
+
+        self.taps = ExitStack()
+        self.s_tap = self.t_tap = None
+        if distill.uses_features:
+            self.s_tap = self.taps.enter_context(
+                FeatureTap(student, [s for _, s, _ in distill.pairs]))
+            self.t_tap = self.taps.enter_context(
+                FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
+        self.model.train()
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        r, distill = self.recipe, self.distill
+        if self._batches is None:
+            self._batches = self.stream.iterate_forever()
+        k = bisect.bisect_right(self.ends, step)  # the stage of this step
+        stage, opt = self.stages[k], self.optimizers[k]
+        self._opt = opt
+        it = step - self.main_start  # the main-stage iteration (negative before the main stage)
+        if stage.main:
+            distill.before_step(it)
+        x, y = next(self._batches)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        y = y.to(self.device, non_blocking=True)
+        opt.zero_grad(set_to_none=True)
+        m = r.micro_batches
+        terms: dict[str, torch.Tensor] = {}
+        for i in range(m):
+            xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
+            got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it)
+            loss = finite_total(got, it, "the method's weight")
+            (loss / m).backward()
+            for name, v in got.items():
+                terms[name] = terms.get(name, 0.0) + v.detach() / m
+        if self.world > 1:
+            _average_gradients(distill.losses.parameters(), self.world)
+        if r.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, r.grad_clip)
+        opt.step()
+        if stage.main:
+            self.scheduler.step()
+            distill.after_step(it)
+            if self.rank == 0 and (it + 1) in self.anchors:
+                _save_model(self.student, self.spec, self.out / "anchors" / f"iter-{it + 1}.pt",
+                            it + 1)
+        return terms  # summed on the device by the loop; read back at log time only
+
+    @property
+    def lr(self) -> float:
+        return self._opt.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "stage_optimizers": {name: o.state_dict() for name, o in self.own.items()},
+            "distill": self.distill.state_dict(),
+            "stream": self.stream.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         saved = state.get("stage_optimizers")
         if saved is None and state.get("init_optimizer") is not None:
-            saved = {next(iter(own)): state["init_optimizer"]}  # written before stages had names
-        for name, opt in own.items():
+            saved = {next(iter(self.own)): state["init_optimizer"]}  # before stages had names
+        for name, opt in self.own.items():
             opt.load_state_dict(saved[name])
-        distill.load_state_dict(state["distill"])
-        stream.load_state_dict(state["stream"])
-        set_rng_state(state["rng"])
-        step = state["step"]
-        if rank == 0:
-            print(f"kcd: resuming {out} from its checkpoint at step {step} of {total_steps}",
-                  file=sys.stderr, flush=True)
+        self.distill.load_state_dict(state["distill"])
+        self.stream.load_state_dict(state["stream"])
 
-    taps = ExitStack()
-    s_tap = t_tap = None
-    if distill.uses_features:
-        s_tap = taps.enter_context(FeatureTap(student, [s for _, s, _ in distill.pairs]))
-        t_tap = taps.enter_context(FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
+    def close(self) -> None:
+        self.taps.close()
 
-    every = _checkpoint_every(spec)
-    anchors = set(spec.anchor_iterations)
-    logged: dict[str, torch.Tensor] = {}
-    n_logged = 0
-    started = time.time()
-    bar = tqdm(total=total_steps, initial=step, desc=f"{spec.arch} {spec.tags.get('method', '')}",
-               disable=not progress or rank != 0, mininterval=1.0 if _tty() else 30.0)
-    model.train()
-    batches = stream.iterate_forever()
-    with taps:
-        while step < total_steps:
-            k = bisect.bisect_right(ends, step)  # the stage of this step
-            stage, opt = stages[k], optimizers[k]
-            it = step - main_start  # the main-stage iteration (negative before the main stage)
-            if stage.main:
-                distill.before_step(it)
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            m = r.micro_batches
-            terms: dict[str, torch.Tensor] = {}
-            for i in range(m):
-                xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
-                got = _forward_terms(model, distill, s_tap, t_tap, xi, yi, k, it)
-                loss = sum(got.values())
-                if not torch.isfinite(loss):
-                    bad = [n for n, v in got.items() if not torch.isfinite(v)] or ["total"]
-                    raise KcdError(
-                        f"loss term '{bad[0]}' is {got.get(bad[0], loss).item()} at iteration "
-                        f"{it}; lower the learning rate or the method's weight"
-                    )
-                (loss / m).backward()
-                for name, v in got.items():
-                    terms[name] = terms.get(name, 0.0) + v.detach() / m
-            if world > 1:
-                _average_gradients(distill.losses.parameters(), world)
-            if r.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, r.grad_clip)
-            opt.step()
-            if stage.main:
-                scheduler.step()
-            step += 1
-            bar.update(1)
-            for name, v in terms.items():  # summed on the device; read back at log time only
-                logged[name] = logged.get(name, 0.0) + v
-            n_logged += 1
-            if n_logged >= r.log_every or step == total_steps:
-                metrics = {f"train/{name}": float(v) / n_logged for name, v in logged.items()}
-                metrics["train/lr"] = opt.param_groups[0]["lr"]
-                if rank == 0:
-                    tracker.log_metrics(metrics, step)
-                bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
-                logged, n_logged = {}, 0
-            if stage.main:
-                distill.after_step(it)
-            if rank == 0 and stage.main and (it + 1) in anchors:
-                _save_model(student, spec, out / "anchors" / f"iter-{it + 1}.pt", it + 1)
-            if rank == 0 and step % every == 0 and step < total_steps:
-                atomic_save(
-                    {
-                        "spec_hash": fingerprint,
-                        "step": step,
-                        "model": student.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "stage_optimizers": {name: o.state_dict() for name, o in own.items()},
-                        "distill": distill.state_dict(),
-                        "stream": stream.state_dict(),
-                        "rng": rng_state(),
-                    },
-                    ckpt_path,
-                )
-    bar.close()
-    train_seconds = time.time() - started
-    if world > 1:
-        import torch.distributed as dist
+    def finish(self, train_seconds: float) -> dict | None:
+        spec, r, distill = self.spec, self.recipe, self.distill
+        if self.world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank != 0:
-        return {}
-    _save_model(student, spec, out / FINAL, r.iterations)
-    result = evaluate(
-        student,
-        eval_batches(spec.data, r.eval_batch_size),
-        teacher=distill.teacher,
-        layers=[(t, s) for t, s, _ in distill.pairs],
-        transforms=distill.transforms,
-        device=device,
-        channels_last=r.channels_last,
-        progress=progress,
-    )
-    result.update(
-        iterations=r.iterations,
-        train_seconds=round(train_seconds, 2),
-        arch=spec.arch,
-        seed=spec.seed,
-        tags=spec.tags,
-        spec=to_dict(spec),
-    )
-    tracker.log_metrics({f"eval/{k}": v for k, v in result.items()
-                         if isinstance(v, (int, float)) and v is not None}, r.iterations)
-    atomic_write_json(result, out / RESULT)
-    if ckpt_path.exists():
-        ckpt_path.unlink()
-    return result
+            dist.barrier()
+            dist.destroy_process_group()
+        if self.rank != 0:
+            return None
+        _save_model(self.student, spec, self.out / FINAL, r.iterations)
+        result = evaluate(
+            self.student,
+            eval_batches(spec.data, r.eval_batch_size),
+            teacher=distill.teacher,
+            layers=[(t, s) for t, s, _ in distill.pairs],
+            transforms=distill.transforms,
+            device=self.device,
+            channels_last=r.channels_last,
+            progress=self.progress,
+        )
+        result.update(
+            iterations=r.iterations,
+            train_seconds=round(train_seconds, 2),
+            arch=spec.arch,
+            seed=spec.seed,
+            tags=spec.tags,
+            spec=to_dict(spec),
+        )
+        return result
 
 
 def _forward_terms(
@@ -543,14 +500,3 @@ def _save_model(model: nn.Module, spec: TrainSpec, path: Path, iterations: int) 
         },
         path,
     )
-
-
-def _fingerprint(spec: TrainSpec) -> str:
-    """A hash of everything in the spec that shapes the run (not logging or evaluation)."""
-    d, _ = split_runtime(to_dict(spec))
-    d.pop("tags", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _tty() -> bool:
-    return sys.stderr.isatty()

@@ -12,12 +12,7 @@ import torch
 from kcd.checkpoint import load_file
 from kcd.data.datasets import build_dataset
 from kcd.detection import (
-    CHECKPOINT,
-    FINAL,
     LAYER,
-    RESULT,
-    DetectionDistill,
-    DetectionSpec,
     _Distillation,
     _Items,
     _lr,
@@ -31,7 +26,8 @@ from kcd.detection import (
 )
 from kcd.errors import KcdError
 from kcd.features import FeatureTap
-from kcd.specs import DataSpec, Recipe, to_dict
+from kcd.run import CHECKPOINT, FINAL, RESULT
+from kcd.specs import DataSpec, DetectionDistill, DetectionSpec, Recipe, from_dict, to_dict
 from kcd.statistics import make_transform
 
 NUM_CLASSES = 4  # tiny demo: 3 categories, ids 1..3
@@ -259,10 +255,11 @@ def test_load_detector_errors(tmp_path):
 def test_spec_round_trip_and_unknown_key(coco, tmp_path):
     spec = _spec(coco, tmp_path, "resnet18", "x",
                  distill=DetectionDistill(teacher="resnet50", teacher_weights="w.pt"))
-    assert spec_from_dict(json.loads(json.dumps(to_dict(spec)))) == spec
+    assert from_dict(DetectionSpec, json.loads(json.dumps(to_dict(spec)))) == spec
+    assert spec_from_dict(json.loads(json.dumps(to_dict(spec)))) == spec  # kcd.cli's import
     with pytest.raises(KcdError, match="unknown key DetectionSpec.distill.temperature"):
-        spec_from_dict({**to_dict(spec), "distill": {"teacher": "resnet50", "teacher_weights": "w",
-                                                     "temperature": 4}})
+        from_dict(DetectionSpec, {**to_dict(spec), "distill": {
+            "teacher": "resnet50", "teacher_weights": "w", "temperature": 4}})
 
 
 def _copy(coco: Path, tmp_path: Path) -> Path:

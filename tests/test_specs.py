@@ -12,8 +12,14 @@ import yaml
 from kcd.config import train_spec, validate_config
 from kcd.errors import KcdError
 from kcd.specs import (
+    ANCHOR_SIZES,
     RUNTIME_FIELDS,
+    DataSpec,
+    DetectionDistill,
+    DetectionSpec,
+    Recipe,
     TrainSpec,
+    fingerprint,
     from_dict,
     merge_runtime,
     parse_runtime,
@@ -84,3 +90,37 @@ def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
 def test_runtime_text_errors_name_the_item(text, message):
     with pytest.raises(KcdError, match=message):
         parse_runtime(text)
+
+
+def test_fingerprint_ignores_run_time_fields_and_tags_only(spec):
+    base = fingerprint(from_dict(TrainSpec, spec))
+    same = json.loads(json.dumps(spec))
+    same["recipe"].update(log_every=1, checkpoint_every=7, eval_batch_size=3)
+    same["data"]["workers"] = 5
+    same["tags"] = {"anything": "else"}
+    assert fingerprint(from_dict(TrainSpec, same)) == base
+    other = json.loads(json.dumps(spec))
+    other["recipe"]["lr"] *= 2
+    assert fingerprint(from_dict(TrainSpec, other)) != base
+
+
+def test_detection_specs_live_here_and_round_trip():
+    spec = DetectionSpec(backbone="resnet18", seed=0, num_classes=4, theta0="t.pt", out_dir="o",
+                         data=DataSpec("coco", "root"), recipe=Recipe(iterations=2, batch_size=2,
+                                                                      lr=0.01),
+                         distill=DetectionDistill(teacher="resnet50", teacher_weights="w.pt"))
+    assert spec.anchor_sizes == ANCHOR_SIZES and spec.anchor_sizes is not ANCHOR_SIZES
+    data = json.loads(json.dumps(to_dict(spec)))
+    assert from_dict(DetectionSpec, data) == spec
+    assert fingerprint(spec) == fingerprint(from_dict(DetectionSpec, {**data, "tags": {"a": 1}}))
+    with pytest.raises(KcdError, match="unknown key DetectionSpec.recipe.epochs"):
+        from_dict(DetectionSpec, {**data, "recipe": {**data["recipe"], "epochs": 3}})
+    with pytest.raises(KcdError, match="missing key DetectionSpec.backbone"):
+        from_dict(DetectionSpec, {k: v for k, v in data.items() if k != "backbone"})
+
+
+def test_specs_import_no_torch():
+    code = "import sys, kcd.specs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -28,7 +28,7 @@ from kcd.specs import DataSpec
 EVAL_SPLIT = "val"
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed from integers (splitmix-style), stable across processes."""
     x = 0x9E3779B97F4A7C15
     for v in values:
@@ -73,13 +73,13 @@ class SampleStream:
                            "rank; lower recipe.batch_size")
 
     def _epoch_batches(self, epoch: int) -> list[list[tuple[int, int]]]:
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        g = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
         perm = torch.randperm(len(self.items), generator=g).tolist()
         shard = perm[self.rank::self.world_size]
         out = []
         for b in range(self.batches_per_epoch):
             idx = shard[b * self.batch_size:(b + 1) * self.batch_size]
-            out.append([(i, _mix(self.seed, epoch, i)) for i in idx])
+            out.append([(i, mix_seed(self.seed, epoch, i)) for i in idx])
         return out
 
     def iterate_forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,181 @@
+"""The resumable run loop the training engines share: classification (:mod:`kcd.train`) and
+detection (:mod:`kcd.detection`).
+
+A task (:class:`RunTask`) owns what is particular to its kind of job: its models, optimizers and
+data, one optimizer step, its part of the checkpoint, the final weights and the evaluation. The
+loop (:func:`run`) owns what every job does the same way:
+
+- resume from ``checkpoint.pt`` when there is one, refusing a checkpoint of another version of
+  the spec (:func:`kcd.specs.fingerprint`: run-time fields and tags may differ);
+- run the task's steps with a progress bar, and log the mean of each loss term and the learning
+  rate every ``recipe.log_every`` steps;
+- write an atomic checkpoint (the task's state, the step and every RNG state) every
+  ``recipe.checkpoint_every`` steps (:func:`checkpoint_every`), so that a rerun of the same
+  command resumes and ends with the weights of an uninterrupted run on the CPU;
+- finish: the task writes ``final.pt`` and evaluates, the loop logs the evaluation, writes
+  ``result.json`` last (its presence means done) and removes the checkpoint.
+
+Under torch.distributed every rank runs the loop; only the task's rank 0 logs, writes
+checkpoints and the result.
+"""
+from __future__ import annotations
+
+import abc
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from kcd.checkpoint import atomic_save, atomic_write_json, load_file, rng_state, set_rng_state
+from kcd.errors import KcdError
+from kcd.specs import Recipe, fingerprint
+
+CHECKPOINT = "checkpoint.pt"
+FINAL = "final.pt"
+RESULT = "result.json"
+
+
+class Tracker(Protocol):
+    """What the engines need from experiment tracking (see :mod:`kcd.tracking`)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class NullTracker:
+    """A tracker that keeps nothing (runs without tracking)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+
+def checkpoint_every(recipe: Recipe) -> int:
+    """Steps between checkpoints: ``recipe.checkpoint_every``, or a tenth of the iterations."""
+    return recipe.checkpoint_every or max(1, recipe.iterations // 10)
+
+
+def finite_total(terms: Mapping[str, Tensor], iteration: int, advice: str) -> Tensor:
+    """The sum of the loss ``terms``, or :class:`KcdError` naming the first term that is NaN or
+    infinite, its value and ``iteration``, with ``advice`` on what to lower besides the
+    learning rate (e.g. "the method's weight")."""
+    total = sum(terms.values())
+    if not torch.isfinite(total):
+        bad = [name for name, v in terms.items() if not torch.isfinite(v)] or ["total"]
+        value = terms.get(bad[0], total).item()
+        raise KcdError(f"loss term '{bad[0]}' is {value} at iteration {iteration}; lower the "
+                       f"learning rate or {advice}")
+    return total
+
+
+class RunTask(abc.ABC):
+    """One training job as :func:`run` drives it.
+
+    Built fully before the loop starts (the loop then restores a checkpoint into it, RNG states
+    last). Attributes a task sets:
+
+    - ``steps``: optimizer steps in all, every stage included;
+    - ``iterations``: the main stage's iterations, the step the evaluation is logged at;
+    - ``description``: the progress bar's label;
+    - ``rank``: the process's rank (0 without torch.distributed); only rank 0 logs, writes
+      checkpoints and finishes with a result.
+    """
+
+    steps: int
+    iterations: int
+    description: str = ""
+    rank: int = 0
+
+    @abc.abstractmethod
+    def step(self, step: int) -> Mapping[str, Tensor | float]:
+        """Take optimizer step ``step`` (0-based, counting every stage); return the loss terms
+        by name: 0-d tensors (summed where they are and read back at log time) or floats."""
+
+    @property
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate of the optimizer of the latest step."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The task's part of a checkpoint (the loop adds the step, the spec's fingerprint and
+        the RNG states); its keys must not be ``spec_hash``, ``step`` or ``rng``."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (given the whole checkpoint)."""
+
+    def close(self) -> None:
+        """Release what the steps hold (feature taps, data workers), also after an error."""
+
+    @abc.abstractmethod
+    def finish(self, train_seconds: float) -> dict | None:
+        """Write the final weights, evaluate and return the result (None on a rank but 0)."""
+
+    def eval_metrics(self, result: dict) -> dict[str, float]:
+        """The evaluation metrics to track, from the result: its numbers by default."""
+        return {f"eval/{k}": v for k, v in result.items()
+                if isinstance(v, (int, float)) and v is not None}
+
+
+def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool = True) -> dict:
+    """Run (or resume) ``task`` for ``spec`` (a :class:`~kcd.specs.TrainSpec` or
+    :class:`~kcd.specs.DetectionSpec`: its ``recipe`` and ``out_dir``); return its result, also
+    written to ``result.json`` (an empty dict on a rank but 0)."""
+    tracker = tracker or NullTracker()
+    r: Recipe = spec.recipe
+    out = Path(spec.out_dir)
+    ckpt_path = out / CHECKPOINT
+    spec_hash = fingerprint(spec)
+    leader = task.rank == 0
+    bar = None
+    try:
+        step = 0
+        if ckpt_path.exists():
+            state = load_file(ckpt_path, "checkpoint")
+            if not isinstance(state, dict) or state.get("spec_hash") != spec_hash:
+                raise KcdError(f"checkpoint {ckpt_path} belongs to another version of this run "
+                               "(its spec changed); delete it to start over")
+            task.load_state_dict(state)
+            set_rng_state(state["rng"])
+            step = state["step"]
+            if leader:
+                print(f"kcd: resuming {out} from its checkpoint at step {step} of {task.steps}",
+                      file=sys.stderr, flush=True)
+        every = checkpoint_every(r)
+        logged: dict[str, Any] = {}
+        n_logged = 0
+        started = time.time()
+        bar = tqdm(total=task.steps, initial=step, desc=task.description,
+                   disable=not progress or not leader,
+                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        while step < task.steps:
+            terms = task.step(step)
+            step += 1
+            bar.update(1)
+            for name, v in terms.items():
+                logged[name] = logged.get(name, 0.0) + v
+            n_logged += 1
+            if n_logged >= r.log_every or step == task.steps:
+                metrics = {f"train/{name}": float(v) / n_logged for name, v in logged.items()}
+                metrics["train/lr"] = task.lr
+                if leader:
+                    tracker.log_metrics(metrics, step)
+                bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
+                logged, n_logged = {}, 0
+            if leader and step % every == 0 and step < task.steps:
+                atomic_save({"spec_hash": spec_hash, "step": step, **task.state_dict(),
+                             "rng": rng_state()}, ckpt_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        task.close()
+    result = task.finish(time.time() - started)
+    if result is None:
+        return {}
+    tracker.log_metrics(task.eval_metrics(result), task.iterations)
+    atomic_write_json(result, out / RESULT)
+    ckpt_path.unlink(missing_ok=True)
+    return result

@@ -1,0 +1,108 @@
+"""The run loop every engine shares (kcd.run), on a toy task: checkpoint cadence, exact resume
+(RNG included), a changed spec refused, logging, the result written last, the NaN check."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from kcd.checkpoint import load_file
+from kcd.errors import KcdError
+from kcd.run import CHECKPOINT, RESULT, RunTask, checkpoint_every, finite_total, run
+from kcd.specs import DataSpec, Recipe, TrainSpec
+
+
+class Toy(RunTask):
+    """Linear regression on batches drawn from the global RNG (so resuming must restore it)."""
+
+    def __init__(self, spec: TrainSpec, fail_at: int | None = None) -> None:
+        torch.manual_seed(spec.seed)
+        self.w = torch.zeros(3, requires_grad=True)
+        self.opt = torch.optim.SGD([self.w], lr=spec.recipe.lr, momentum=0.9)
+        self.steps = self.iterations = spec.recipe.iterations
+        self.fail_at = fail_at
+        self.closed = False
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        if step == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        x = torch.randn(8, 3)
+        loss = ((x @ self.w - x.sum(1)) ** 2).mean()
+        terms = {"mse": loss}
+        self.opt.zero_grad()
+        finite_total(terms, step, "nothing").backward()
+        self.opt.step()
+        return {"mse": loss.detach(), "half": 0.5}
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"w": self.w.detach().clone(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.w.copy_(state["w"])
+        self.opt.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        self.closed = True
+
+    def finish(self, train_seconds: float) -> dict:
+        return {"w": self.w.tolist(), "iterations": self.iterations, "train_seconds": 0.0}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.calls.append((step, metrics))
+
+
+def _spec(tmp_path: Path, name: str, **recipe) -> TrainSpec:
+    r = {"iterations": 7, "batch_size": 8, "lr": 0.05, "checkpoint_every": 3, "log_every": 2,
+         **recipe}
+    return TrainSpec(arch="toy", seed=1, num_classes=2, theta0="-", out_dir=str(tmp_path / name),
+                     data=DataSpec("none", "-"), recipe=Recipe(**r))
+
+
+def test_a_run_logs_checkpoints_and_writes_its_result_last(tmp_path):
+    spec = _spec(tmp_path, "a")
+    tracker, task = Recorder(), Toy(spec)
+    result = run(spec, task, tracker, progress=False)
+    assert task.closed and not (tmp_path / "a" / CHECKPOINT).exists()
+    assert json.loads((tmp_path / "a" / RESULT).read_text()) == result
+    assert [step for step, _ in tracker.calls] == [2, 4, 6, 7, 7]  # every 2, the last, eval
+    step2 = tracker.calls[0][1]
+    assert set(step2) == {"train/mse", "train/half", "train/lr"} and step2["train/half"] == 0.5
+    assert tracker.calls[-1][1] == {"eval/iterations": 7, "eval/train_seconds": 0.0}
+    assert checkpoint_every(spec.recipe) == 3
+    assert checkpoint_every(replace(spec.recipe, checkpoint_every=0, iterations=45)) == 4
+
+
+def test_an_interrupted_run_resumes_to_the_same_end(tmp_path):
+    reference = run(_spec(tmp_path, "ref"), Toy(_spec(tmp_path, "ref")), progress=False)
+    spec = _spec(tmp_path, "killed")
+    task = Toy(spec, fail_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, task, progress=False)
+    assert task.closed and not (tmp_path / "killed" / RESULT).exists()
+    assert load_file(tmp_path / "killed" / CHECKPOINT)["step"] == 3
+    changed = _spec(tmp_path, "killed", lr=0.1)
+    with pytest.raises(KcdError, match="belongs to another version of this run"):
+        run(changed, Toy(changed), progress=False)
+    runtime_only = _spec(tmp_path, "killed", log_every=1, checkpoint_every=2)
+    assert run(runtime_only, Toy(runtime_only), progress=False)["w"] == reference["w"]
+
+
+def test_finite_total_names_the_term_and_the_iteration():
+    ok = {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}
+    assert finite_total(ok, 0, "x").item() == 3.0
+    with pytest.raises(KcdError, match=r"loss term 'b' is inf at iteration 4; lower the "
+                                       r"learning rate or the weight"):
+        finite_total({"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))}, 4, "the weight")
