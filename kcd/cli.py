@@ -26,7 +26,7 @@ from kcd.errors import KcdError
 def _config(args: argparse.Namespace) -> dict:
     from kcd.config import load_config
 
-    return load_config(args.config or [], args.set or [])
+    return load_config(getattr(args, "config", None) or [], getattr(args, "set", None) or [])
 
 
 def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: dict,
@@ -38,7 +38,8 @@ def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: d
         return nullcontext(None)
     from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
 
-    cfg = _config(args) if not args.tracking_uri or args.config or args.set else {}
+    cfg = _config(args) if not args.tracking_uri or getattr(args, "config", None) or getattr(
+        args, "set", None) else {}
     uri = args.tracking_uri or tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
     required = bool(cfg.get("tracking", {}).get("required", False))
     env = os.environ.get("KCD_TRACKING_REQUIRED", "").strip().lower()
@@ -352,6 +353,25 @@ def cmd_figure1(args: argparse.Namespace) -> None:
 
     png, pdf = _job(args, figure1_job)
     _summary(f"figure 1 -> {png}, {pdf}")
+
+
+def cmd_heatmap(args: argparse.Namespace) -> None:
+    """The consistency matrix of a pair with its transform's matches (a tracked run that
+    logs the picture and the transform's table)."""
+    from kcd.analysis.heatmap import consistency_heatmap
+
+    tags = _tags_arg(args)
+    name = Path(args.transform).with_suffix("").name
+    run_name = f"{tags.get('dataset', '')}/{Path(args.stats).parent.name}/{name}".lstrip("/")
+    params = {"stats": args.stats, "transform": args.transform, "metric": args.metric}
+    with _tracker(args, f"kcd-{tags.get('dataset', 'transforms')}", run_name, params,
+                  {"method": "transform", "transform": name}) as tracker:
+        out = consistency_heatmap(args.stats, args.transform, args.metric, args.out,
+                                  title=args.title)
+        if tracker is not None:
+            tracker.log_artifact(out["png"])
+            tracker.log_artifact(out["csv"])
+    _summary(f"consistency of {out['teacher']} -> {out['student']}: {out['png']}, {out['csv']}")
 
 
 def _dry_run(rest: list[str]) -> tuple[list, dict | None]:
@@ -676,6 +696,18 @@ def build_parser() -> argparse.ArgumentParser:
         _runtime_flag(p)
     p = add("detect-train", cmd_detect_train, "Table 9: pre-train or distil a detector")
     _tracked(p)
+
+    p = add("heatmap", cmd_heatmap, "picture of a pair's consistency matrix with its "
+                                    "transform's matches, and the transform as a table",
+            config=False)
+    p.add_argument("--stats", required=True, help="the pair's statistics file")
+    p.add_argument("--transform", required=True, help="a transform made from them")
+    p.add_argument("--metric", required=True, help="the transform's consistency metric")
+    p.add_argument("--out", required=True, help="output prefix: <prefix>.png and <prefix>.csv")
+    p.add_argument("--title")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config / environment)")
+    p.add_argument("--tags", help="MLflow tags as a URL query string (dataset=imagenet&...)")
 
     p = add("config", cmd_config, "show the resolved config and one line per job that "
                                   "`snakemake -n` would run (check before a cluster run)",

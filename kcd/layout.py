@@ -96,6 +96,10 @@ class Layout:
     def analysis(self, ds: str, name: str) -> str:
         return f"{self.results}/{ds}/analysis/{name}"
 
+    def heatmap(self, ds: str, teacher: str, student: str) -> str:
+        """The prefix of a pair's consistency picture and transform table (``.png``, ``.csv``)."""
+        return self.analysis(ds, f"consistency-{teacher}__{student}")
+
     def table(self, n: object, suffix: str) -> str:
         return f"{self.results}/table{n}.{suffix}"
 

@@ -420,11 +420,31 @@ class Plans:
         return sorted(set(paths))
 
     def gathered_parts(self) -> list[str]:
-        """What ``tables.md`` gathers, in the paper's order: tables, then Figure 1."""
+        """What ``tables.md`` gathers, in the paper's order: tables, then Figure 1, then the
+        consistency picture of each distilled pair."""
         parts = [self.layout.table(n, "md") for n in sorted(self.table_plans())]
         if self.figure1_cfg:
             parts.append(f"{self.layout.figure1}.png")
+        parts += [self.layout.heatmap(*pair) + ".png" for pair in self.heatmap_pairs()]
         return parts
+
+    def heatmap_pairs(self) -> list[tuple[str, str, str]]:
+        """(dataset, teacher, student) of every classification pair a table distils."""
+        pairs = [(t["dataset"], t["teacher"], s) for t in self.cfg.get("tables", {}).values()
+                 for s in t["students"]]
+        if self.ablations:
+            pairs.append(self.ablation_setting())
+        return list(dict.fromkeys(pairs))
+
+    def heatmap_inputs(self, ds: str, teacher: str, student: str) -> dict[str, str]:
+        """The statistics and the KCD transform of a pair's first run (teacher seed, first
+        student seed, trained weights), and the transform's metric."""
+        tw, sw = f"s{self.tseed}", f"s{self.seeds[0]}"
+        name = parse_transform_name(self.kcd)
+        return {"stats": self.layout.stats(ds, teacher, tw, student, sw),
+                "transform": self.layout.transform(ds, teacher, tw, student, sw,
+                                                   name.file_name),
+                "metric": name.metric}
 
     # ------------------------------------------------------------------ resources
 

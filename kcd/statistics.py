@@ -12,8 +12,9 @@ images; per-class statistics for K groups hold K of them (K x c_T x c_S x 8 byte
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -114,7 +115,38 @@ def _load_statistics(path: str | os.PathLike) -> dict:
     obj = load_file(path, "statistics")
     if not isinstance(obj, dict) or obj.get("kind") != "kcd-statistics":
         raise KcdError(f"{path} is not a kcd statistics file; run `kcd statistics` to make one")
+    if not _all_finite(obj):
+        raise KcdError(f"statistics {path} hold NaN or inf values (a diverged model or a "
+                       "damaged file); delete it and rerun `kcd statistics`")
     return obj
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _matrix(state: dict, metric: str, path: str | os.PathLike) -> torch.Tensor:
+    """The consistency matrix of ``metric`` from one accumulator state of a statistics file."""
+    try:
+        return ConsistencyStatistics.from_state_dict(state).matrix(metric)
+    except (KeyError, TypeError, RuntimeError, KcdError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise KcdError(f"statistics {path} cannot give the {metric} matrix ({reason}); delete "
+                       "it and rerun `kcd statistics`") from None
+
+
+def pair_matrix(stats_path: str | os.PathLike, metric: str) -> tuple[torch.Tensor, dict]:
+    """(the ``metric`` consistency matrix over all images, the file's pair: teacher,
+    student, layers) of a statistics file."""
+    obj = _load_statistics(stats_path)
+    pair = {"teacher": obj["teacher"], "student": obj["student"], "layers": obj["layers"]}
+    return _matrix(obj["global"], metric, stats_path), pair
 
 
 def make_transform(
@@ -138,14 +170,14 @@ def make_transform(
             "teacher_layer": obj["layers"][0], "metric": metric, "strategy": strategy,
             "groups": groups}
     if groups <= 1:
-        m = ConsistencyStatistics.from_state_dict(obj["global"]).matrix(metric)
+        m = _matrix(obj["global"], metric, stats_path)
         t = build_transform(m, strategy, seed=seed, meta=meta)
     else:
         states = obj["groups"].get(str(groups))
         if states is None:
             raise KcdError(f"{stats_path} has no statistics for K={groups} groups; "
                            f"it has K in {sorted(obj['groups']) or 'none'}")
-        parts = [build_transform(ConsistencyStatistics.from_state_dict(st).matrix(metric), strategy, seed=seed + i,
+        parts = [build_transform(_matrix(st, metric, stats_path), strategy, seed=seed + i,
                                  meta=dict(meta, group=i)) for i, st in enumerate(states)]
         t = PerClassTransform(parts, obj["num_classes"])
         t.meta = dict(meta, gamma_after=sum(p.meta["gamma_after"] for p in parts) / len(parts),

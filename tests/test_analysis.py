@@ -211,3 +211,47 @@ def test_activation_figure_end_to_end_and_bad_class(tmp_path):
     with pytest.raises(KcdError, match="class 3 "):
         activation_figure(students, teacher, transform, ("feat", "feat"), batches,
                           class_index=3, num_classes=3, out_prefix=tmp_path / "g")
+
+
+def _pair_files(tmp_path, c_t=6, c_s=4, teacher="resnet56", student="resnet20"):
+    from kcd.checkpoint import atomic_save
+    from kcd.consistency import ConsistencyStatistics
+    from kcd.transforms import save_transform
+
+    g = torch.Generator().manual_seed(0)
+    ft = torch.randn(40, c_t, generator=g)
+    fs = ft[:, torch.tensor([3, 0, 5, 1])[:c_s]] + 0.1 * torch.randn(40, c_s, generator=g)
+    stats = ConsistencyStatistics(c_t, c_s, metrics=["correlation"])
+    stats.update(ft, fs)
+    atomic_save({"kind": "kcd-statistics", "teacher": teacher, "student": student,
+                 "layers": ["layer3", "layer3"], "num_classes": 10,
+                 "global": stats.state_dict(), "groups": {}}, tmp_path / "stats.pt")
+    t = build_transform(stats.matrix("correlation"), "bipartite",
+                        meta={"teacher": teacher, "student": student})
+    save_transform(t, tmp_path / "t.pt")
+    return tmp_path / "stats.pt", tmp_path / "t.pt", t
+
+
+def test_heatmap_marks_the_transforms_matches_and_lists_them(tmp_path):
+    import csv
+
+    from kcd.analysis.heatmap import consistency_heatmap
+
+    stats, transform, t = _pair_files(tmp_path)
+    out = consistency_heatmap(stats, transform, "correlation", tmp_path / "h")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((tmp_path / "h.csv").open()))
+    assert [int(r["teacher_channel"]) for r in rows] == [3, 0, 5, 1] == t.index.tolist()
+    assert all(float(r["consistency_correlation"]) > 0.9 for r in rows)
+    assert out["gamma_after"] > 3.6  # four matches of correlation > 0.9
+
+
+def test_heatmap_refuses_a_transform_of_another_pair(tmp_path):
+    from kcd.analysis.heatmap import consistency_heatmap
+
+    stats, _, _ = _pair_files(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, transform, _ = _pair_files(other, student="resnet32")
+    with pytest.raises(KcdError, match="was made for resnet56 -> resnet32"):
+        consistency_heatmap(stats, transform, "correlation", tmp_path / "h")

@@ -420,8 +420,6 @@ CASES = CONFIG_CASES + CLI_CASES + DATA_CASES + FILE_CASES + NUMERIC_CASES
 # Known gaps, each a one-line fix in the module named (xfail strict: the test fails once fixed)
 PENDING = {
     "cli-spec-wrong-type": "kcd.specs.from_dict does not check field types yet",
-    "file-stats-nan": "kcd.consistency does not check loaded statistics for NaN yet",
-    "file-stats-wrong-shape": "kcd.consistency's load does not name the file yet",
     "file-transform-other-pair": "kcd evaluate does not check the transform's pair yet",
     "numeric-diverging-run": "kcd.train's divergence error does not name the recipe key yet",
 }

@@ -140,3 +140,14 @@ def test_ablation_plans_take_the_teachers_paper_number_from_table8(demo):
     for n in demo.ablation_tables():
         if n <= 6:
             assert demo.table_plan(n)["teacher_paper"]["table"] == 8
+
+
+def test_each_distilled_pair_has_a_consistency_picture_of_its_kcd_transform(demo):
+    pairs = demo.heatmap_pairs()
+    assert ("imagenet", "resnet50", "mobilenetv2_0.5x") in pairs
+    assert ("cifar100", "resnet56", "resnet20") in pairs and len(pairs) == len(set(pairs))
+    inputs = demo.heatmap_inputs("cifar100", "resnet56", "resnet20")
+    assert inputs == {"stats": "res/cifar100/stats/resnet56-s0__resnet20-s0.pt",
+                      "transform": "res/cifar100/transforms/resnet56-s0__resnet20-s0/"
+                                   "bipartite-correlation.pt", "metric": "correlation"}
+    assert demo.layout.heatmap(*pairs[0]) + ".png" in demo.gathered_parts()

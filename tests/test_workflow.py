@@ -93,8 +93,14 @@ def test_every_run_is_in_mlflow(built):
     assert fit.data.params["row"] == "Ours + FitNets"
     assert "eval.top1" in fit.data.metrics and "train.ce" in fit.data.metrics
     assert fit.info.status == "FINISHED"
-    # 2 pretrainings + 4 distillations (Baseline is the student's pre-training)
-    assert len(runs) == 6
+    # 2 pretrainings + 4 distillations (Baseline is the student's pre-training), and the
+    # pair's consistency picture with its transform as a table
+    training = [r for r in runs if r.data.tags.get("method") != "transform"]
+    assert len(training) == 6
+    heatmap, = [r for r in runs if r.data.tags.get("method") == "transform"]
+    files = {a.path for a in client.list_artifacts(heatmap.info.run_id)}
+    assert files == {"consistency-resnet20__resnet20_0.5x.png",
+                     "consistency-resnet20__resnet20_0.5x.csv"}
 
 
 def test_second_call_does_nothing_and_weight_change_reruns_only_that_method(built):
@@ -229,6 +235,8 @@ def test_the_report_holds_every_table(built):
     embedded = [base64.b64decode(b).decode("utf-8", "replace")
                 for b in re.findall(r"data:text/html;[^,]*base64,([A-Za-z0-9+/=]+)", html)]
     assert any("Table 7: comparison" in page or "<h3>Table 7" in page for page in embedded)
+    assert "Consistency" in html  # the pair's consistency picture
+    assert "resnet20 -&gt; resnet20_0.5x" in html or "resnet20 -> resnet20_0.5x" in html
 
 
 def test_a_failed_job_ends_with_kcds_error_line_on_the_terminal(tmp_path):

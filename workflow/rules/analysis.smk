@@ -59,3 +59,29 @@ rule figure1:
     shell:
         "{resources.launch} figure1 --spec {params.spec:q} --runtime {resources.run_options:q} "
         "-q > {log:q} 2>&1"
+
+
+# lint: no conda/container per rule; every rule runs in the one kcd environment
+rule consistency_heatmap:
+    input:
+        stats=lambda w: P.heatmap_inputs(w.ds, w.teacher, w.student)["stats"],
+        transform=lambda w: P.heatmap_inputs(w.ds, w.teacher, w.student)["transform"],
+    output:
+        png=report(L.heatmap("{ds}", "{teacher}", "{student}") + ".png",
+                   caption="../report/heatmap.rst", category="Consistency",
+                   labels={"pair": "{teacher} -> {student}", "dataset": "{ds}"}),
+        csv=L.heatmap("{ds}", "{teacher}", "{student}") + ".csv",
+    log:
+        log_path("{ds}", "analysis", "heatmap-{teacher}__{student}"),
+    resources:
+        kcd=KCD,
+        tracking=TRACKING_URI,  # not a rerun trigger (as params would be)
+        tags=lambda w: urlencode({"dataset": w.ds, "teacher": w.teacher, "student": w.student,
+                                  "scale": SCALE}),
+    params:
+        metric=lambda w: P.heatmap_inputs(w.ds, w.teacher, w.student)["metric"],
+        prefix=lambda w: L.heatmap(w.ds, w.teacher, w.student),
+    shell:
+        "{resources.kcd} heatmap --stats {input.stats:q} --transform {input.transform:q} "
+        "--metric {params.metric} --out {params.prefix:q} --tracking-uri {resources.tracking:q} "
+        "--tags {resources.tags:q} > {log:q} 2>&1"
