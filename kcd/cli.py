@@ -500,11 +500,12 @@ def cmd_detect_init(args: argparse.Namespace) -> None:
 
 
 def cmd_detect_train(args: argparse.Namespace) -> None:
-    from kcd.detection import spec_from_dict, train_detector
+    from kcd.detection import train_detector
+    from kcd.specs import DetectionSpec, from_dict
 
     if not args.spec:
         raise KcdError("detect-train needs --spec (the run as JSON, as the workflow writes it)")
-    spec = spec_from_dict(_spec_arg(args))
+    spec = from_dict(DetectionSpec, _spec_arg(args))
     tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
                   tags, out_dir=spec.out_dir) as tracker:

@@ -369,7 +369,7 @@ def detection_spec(cfg: dict, *, backbone: str, seed: int, theta0: str, out_dir:
                    teacher: str | None = None, teacher_weights: str | None = None,
                    transform: str | None = None, tags: dict | None = None):
     """The :class:`kcd.detection.DetectionSpec` of a detector's pre-training or distillation."""
-    from kcd.detection import ANCHOR_SIZES, spec_from_dict
+    from kcd.specs import ANCHOR_SIZES, DetectionSpec
 
     d = _detection(cfg)
     ds = d["dataset"]
@@ -377,7 +377,7 @@ def detection_spec(cfg: dict, *, backbone: str, seed: int, theta0: str, out_dir:
     if teacher is not None:
         distill = {"teacher": teacher, "teacher_weights": teacher_weights, "method": "l2",
                    "weight": float(d.get("weight", 1e-4)), "transform": transform}
-    return spec_from_dict({
+    return from_dict(DetectionSpec, {
         "backbone": backbone, "seed": seed, "num_classes": num_classes(cfg, ds),
         "theta0": theta0, "out_dir": out_dir, "data": data_spec(cfg, ds).__dict__,
         "recipe": recipe(cfg, ds, backbone).__dict__,

@@ -82,13 +82,13 @@ from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
 from kcd.run import FINAL, RunTask, Tracker, finite_total, run
-from kcd.specs import (  # the specs' home is kcd.specs; kcd.config imports ANCHOR_SIZES here
+from kcd.models import DETECTOR_BACKBONES as BACKBONES
+from kcd.specs import (
     ANCHOR_SIZES,
     DataSpec,
     DetectionDistill,
     DetectionSpec,
     Recipe,
-    from_dict,
     to_dict,
 )
 from kcd.transforms import PerClassTransform, load_transform
@@ -96,13 +96,8 @@ from kcd.transforms import PerClassTransform, load_transform
 LAYER = "backbone.body.layer4:pre_relu"
 """The distilled layer: the backbone's last stage before its final ReLU (Section 4.1)."""
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 METHODS = ("l2",)
 TRAIN_SPLIT, EVAL_SPLIT = "train", "val"
-
-def spec_from_dict(data: Any) -> DetectionSpec:
-    """``kcd.specs.from_dict(DetectionSpec, data)``, kept here for kcd.config and kcd.cli."""
-    return from_dict(DetectionSpec, data)
 
 
 # --------------------------------------------------------------------------- the detector

@@ -35,6 +35,8 @@ for scale in ("demo", "paper"):
         P.table_plan(t)
     P.pretrain_spec("cifar100", "resnet56", 0)
     P.stats_spec("imagenet", "resnet50", "s0", "mobilenetv2_0.5x", "s0")
+    P.detect_pretrain_spec("coco", "resnet18", 0)
+    P.detect_distill_spec("coco", "resnet152", 0, "resnet18", "l2", "none", 0)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
 """
 
