@@ -297,7 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kcd.data.streams import eval_batches
     from kcd.evaluate import evaluate
     from kcd.train import load_model
-    from kcd.transforms import load_transform
+    from kcd.transforms import check_transform, load_transform
 
     from kcd.data.datasets import check_num_classes
 
@@ -314,6 +314,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.student = args.arch
         layers = [_layers(args)]
         transforms = [load_transform(args.transform) if args.transform else None]
+        if transforms[0] is not None:
+            check_transform(transforms[0], args.transform, teacher=args.teacher,
+                            student=args.arch)
     result = evaluate(model, eval_batches(data_spec(cfg, args.dataset), 256), teacher=teacher,
                       layers=layers or (), transforms=transforms, progress=not args.quiet)
     if args.out:

@@ -81,7 +81,7 @@ from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
-from kcd.run import FINAL, RunTask, Tracker, finite_total, run
+from kcd.run import FINAL, RunTask, Tracker, divergence_advice, finite_total, run
 from kcd.models import DETECTOR_BACKBONES as BACKBONES
 from kcd.specs import (
     ANCHOR_SIZES,
@@ -91,7 +91,7 @@ from kcd.specs import (
     Recipe,
     to_dict,
 )
-from kcd.transforms import PerClassTransform, load_transform
+from kcd.transforms import PerClassTransform, check_transform, load_transform
 
 LAYER = "backbone.body.layer4:pre_relu"
 """The distilled layer: the backbone's last stage before its final ReLU (Section 4.1)."""
@@ -501,17 +501,11 @@ class _Distillation:
 
 def _check_transform(t: nn.Module, path: str, student: str, teacher: str, c_t: int, c_s: int
                      ) -> None:
-    """Refuse a transform made for another pair, another layer or other channel counts."""
+    """Refuse a per-class transform (detection images have no single class) or one made for
+    another pair, layer or channel counts."""
     if isinstance(t, PerClassTransform):
         raise KcdError(f"transform {path} is per-class; detection images have no single class")
-    meta = getattr(t, "meta", {}) or {}
-    for key, expected in (("student", student), ("teacher", teacher), ("layer", LAYER)):
-        if meta.get(key) and meta[key] != expected:
-            raise KcdError(f"transform {path} was made for {key} {meta[key]}, not {expected}; "
-                           "make it from this pair's detection statistics")
-    if t.c_t != c_t or t.c_s != c_s:
-        raise KcdError(f"transform {path} maps {t.c_t}->{t.c_s} channels but {teacher}->{student} "
-                       f"at {LAYER} needs {c_t}->{c_s}")
+    check_transform(t, path, teacher=teacher, student=student, layer=LAYER, c_t=c_t, c_s=c_s)
 
 
 # --------------------------------------------------------------------------- the run
@@ -582,7 +576,8 @@ class _DetectionRun(RunTask):
         terms = self.model(images, targets)  # the detector's four losses
         if self.distill is not None:
             terms.update(self.distill.terms())
-        total = finite_total(terms, step, "the distillation weight")
+        total = finite_total(terms, step, divergence_advice(spec.data.name, spec.backbone, None)
+                             + " or the distillation weight (detection.weight)")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if r.grad_clip:

@@ -60,7 +60,8 @@ def checkpoint_every(recipe: Recipe) -> int:
 def finite_total(terms: Mapping[str, Tensor], iteration: int, advice: str) -> Tensor:
     """The sum of the loss ``terms``, or :class:`KcdError` naming the first term that is NaN or
     infinite, its value and ``iteration``, with ``advice`` on what to lower besides the
-    learning rate (e.g. "the method's weight")."""
+    learning rate (e.g. "the method's weight"; :func:`divergence_advice` names the config
+    keys)."""
     total = sum(terms.values())
     if not torch.isfinite(total):
         bad = [name for name, v in terms.items() if not torch.isfinite(v)] or ["total"]
@@ -68,6 +69,14 @@ def finite_total(terms: Mapping[str, Tensor], iteration: int, advice: str) -> Te
         raise KcdError(f"loss term '{bad[0]}' is {value} at iteration {iteration}; lower the "
                        f"learning rate or {advice}")
     return total
+
+
+def divergence_advice(dataset: str, arch: str, method: str | None) -> str:
+    """What to lower when a run diverges, as config keys: the recipe's learning rate (its
+    ``default`` or the architecture's entry) and the method's weight."""
+    lr = f"(config key recipes.{dataset}.default.lr, or recipes.{dataset}.{arch}.lr)"
+    weight = f" or the method's weight (methods.{method}.weight)" if method else ""
+    return f"{lr}{weight}"
 
 
 class RunTask(abc.ABC):

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -243,8 +246,51 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
                 value = [from_dict(sub, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
             else:
                 value = from_dict(sub, value, f"{where}.{name}")
+        _check_type(value, _field_types(cls)[name], f"{where}.{name}")
         kwargs[name] = value
     return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    """Refuse a value that is not of its field's declared type, naming the key (a spec read
+    from JSON is checked here, not deep inside training)."""
+    if not _is_instance(value, hint):
+        raise KcdError(f"key {where} must be {_type_name(hint)}, got {type(value).__name__} "
+                       f"{json.dumps(value, default=str)[:60]}")
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(
+            _is_instance(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (not args or all(
+            _is_instance(k, args[0]) and _is_instance(v, args[1]) for k, v in value.items()))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 def to_dict(spec: Any) -> dict:

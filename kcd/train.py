@@ -46,11 +46,20 @@ from kcd.features import FeatureTap, feature_shapes
 from kcd.losses import BASELINE, LOSSES, build_loss
 from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
-from kcd.run import CHECKPOINT, FINAL, RESULT, RunTask, Tracker, finite_total, run
+from kcd.run import (
+    CHECKPOINT,
+    FINAL,
+    RESULT,
+    RunTask,
+    Tracker,
+    divergence_advice,
+    finite_total,
+    run,
+)
 
 __all__ = ["CHECKPOINT", "FINAL", "RESULT", "Tracker", "init_weights", "load_model", "train"]
 from kcd.specs import DistillSpec, LayerPair, TrainSpec, to_dict
-from kcd.transforms import ChannelTransform, DynamicMatching, load_transform
+from kcd.transforms import ChannelTransform, DynamicMatching, check_transform, load_transform
 
 # --------------------------------------------------------------------------- theta0
 
@@ -168,7 +177,8 @@ class _Distillation:
             transform = None
             if path:
                 transform = load_transform(path)
-                _check_transform(transform, path, spec.arch, d.teacher, s_layer, c_t, c_s)
+                check_transform(transform, path, teacher=d.teacher, student=spec.arch,
+                                c_t=c_t, c_s=c_s, layer=None)
                 transform.to(device).eval().requires_grad_(False)
             self.transforms.append(transform)
             self.losses.append(
@@ -264,21 +274,6 @@ def _input_size(spec: TrainSpec) -> int:
     return spec.data.image_size or model_spec(spec.arch).input_size
 
 
-def _check_transform(t: nn.Module, path: str, arch: str, teacher: str, layer: str, c_t: int,
-                     c_s: int) -> None:
-    meta = getattr(t, "meta", {}) or {}
-    student = meta.get("student")
-    if student and student != arch:
-        raise KcdError(f"transform {path} was made for student {student}, not {arch}")
-    if meta.get("teacher") and teacher and meta["teacher"] != teacher:
-        raise KcdError(f"transform {path} was made for teacher {meta['teacher']}, not {teacher}")
-    if t.c_t != c_t or t.c_s != c_s:
-        raise KcdError(
-            f"transform {path} maps {t.c_t}->{t.c_s} channels but the pair at student layer "
-            f"{layer} needs {c_t}->{c_s}"
-        )
-
-
 def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True) -> dict:
     """Run (or resume) one training job and return its result (also in ``result.json``)."""
     return run(spec, _Classification(spec, progress), tracker, progress)
@@ -289,6 +284,9 @@ class _Classification(RunTask):
 
     def __init__(self, spec: TrainSpec, progress: bool) -> None:
         self.spec = spec
+        self.advice = divergence_advice(
+            spec.data.name, spec.arch,
+            spec.distill.method if spec.distill and spec.distill.method != BASELINE else None)
         self.progress = progress
         self.out = Path(spec.out_dir)
         r = self.recipe = spec.recipe
@@ -371,7 +369,7 @@ class _Classification(RunTask):
         for i in range(m):
             xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
             got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it)
-            loss = finite_total(got, it, "the method's weight")
+            loss = finite_total(got, it, self.advice)
             (loss / m).backward()
             for name, v in got.items():
                 terms[name] = terms.get(name, 0.0) + v.detach() / m

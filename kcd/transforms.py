@@ -480,6 +480,22 @@ def save_transform(transform: nn.Module, path: str | os.PathLike) -> None:
     atomic_save({"format": _TRANSFORM_FORMAT, **_payload(transform)}, path)
 
 
+def check_transform(t: nn.Module, path: str | os.PathLike, *, teacher: str | None,
+                    student: str, layer: str | None = None, c_t: int | None = None,
+                    c_s: int | None = None) -> None:
+    """Refuse a transform made for another pair, another student layer or other channel
+    counts, naming its file (its metadata records the pair it was made for)."""
+    meta = getattr(t, "meta", {}) or {}
+    for key, expected in (("student", student), ("teacher", teacher), ("layer", layer)):
+        if meta.get(key) and expected and meta[key] != expected:
+            raise KcdError(f"transform {path} was made for {key} {meta[key]}, not {expected}; "
+                           "make it from this pair's statistics")
+    if (c_t is not None and t.c_t != c_t) or (c_s is not None and t.c_s != c_s):
+        at = f" at student layer {layer}" if layer else ""
+        raise KcdError(f"transform {path} maps {t.c_t}->{t.c_s} channels but the pair{at} "
+                       f"needs {c_t}->{c_s}")
+
+
 def load_transform(path: str | os.PathLike) -> nn.Module:
     """Read a transform written by :func:`save_transform`, in eval mode."""
     payload = load_format(path, _TRANSFORM_FORMAT)

@@ -413,16 +413,10 @@ FILE_CASES = [
 NUMERIC_CASES = [
     Case("numeric-diverging-run", lambda ws: ["pretrain", "--spec", json.dumps(_pretrain_spec(
         ws, recipe={"lr": 1e12, "iterations": 4, "batch_size": 8})), "--no-track", "-q"],
-        "learning rate", extra=["lr"]),
+        "learning rate", extra=["recipes.cifar100.default.lr"]),
 ]
 
 CASES = CONFIG_CASES + CLI_CASES + DATA_CASES + FILE_CASES + NUMERIC_CASES
-# Known gaps, each a one-line fix in the module named (xfail strict: the test fails once fixed)
-PENDING = {
-    "cli-spec-wrong-type": "kcd.specs.from_dict does not check field types yet",
-    "file-transform-other-pair": "kcd evaluate does not check the transform's pair yet",
-    "numeric-diverging-run": "kcd.train's divergence error does not name the recipe key yet",
-}
 
 
 def test_there_are_at_least_sixty_cases():
@@ -438,9 +432,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(reason=PENDING[c.id], strict=True))
-    if c.id in PENDING else c for c in CASES], ids=[c.id for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_a_bad_input_is_one_line_naming_it(case: Case, workspace: Path, capsys, monkeypatch):
     monkeypatch.chdir(workspace)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -113,7 +113,9 @@ def test_transform_arguments_and_names_come_from_one_grammar(demo):
 def test_table_inputs_and_the_gathered_page(demo):
     plan = demo.table_plan(11)
     assert demo.plan_inputs(plan) == ["res/imagenet/analysis/feature_consistency.json"]
-    assert demo.gathered_parts()[-1] == "res/figure1.png"
+    parts = demo.gathered_parts()
+    assert parts[11] == "res/figure1.png"  # after the tables, before the consistency pictures
+    assert all(p.endswith(".png") and "consistency-" in p for p in parts[12:])
     assert demo.gathered_parts()[:2] == ["res/table1.md", "res/table2.md"]
     with pytest.raises(KcdError, match="table 12 is not configured; configured: 1, 2, 3, 4, 5, "
                                        "6, 7, 8, 9, 10, 11"):
