@@ -44,12 +44,21 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
 
 class NullTracker:
     """A tracker that keeps nothing (runs without tracking)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+
+RESULT_PARAMS = ("iterations", "seed", "train_seconds", "eval_images")
+"""Numbers of a result that describe the run rather than measure it: tracked as params."""
 
 
 def checkpoint_every(recipe: Recipe) -> int:
@@ -124,9 +133,14 @@ class RunTask(abc.ABC):
         """Write the final weights, evaluate and return the result (None on a rank but 0)."""
 
     def eval_metrics(self, result: dict) -> dict[str, float]:
-        """The evaluation metrics to track, from the result: its numbers by default."""
-        return {f"eval/{k}": v for k, v in result.items()
-                if isinstance(v, (int, float)) and v is not None}
+        """The evaluation metrics to track, from the result: its numbers by default, except
+        :data:`RESULT_PARAMS` and flags."""
+        return {f"eval/{k}": v for k, v in result.items() if k not in RESULT_PARAMS
+                and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def result_params(self, result: dict) -> dict[str, Any]:
+        """The result's :data:`RESULT_PARAMS`, tracked as params."""
+        return {f"result.{k}": result[k] for k in RESULT_PARAMS if k in result}
 
 
 def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool = True) -> dict:
@@ -185,6 +199,8 @@ def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool
     if result is None:
         return {}
     tracker.log_metrics(task.eval_metrics(result), task.iterations)
+    if hasattr(tracker, "log_params"):  # trackers written before log_params existed
+        tracker.log_params(task.result_params(result))
     atomic_write_json(result, out / RESULT)
     ckpt_path.unlink(missing_ok=True)
     return result

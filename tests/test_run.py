@@ -63,6 +63,9 @@ class Recorder:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.calls.append((step, metrics))
 
+    def log_params(self, params: dict) -> None:
+        self.params = params
+
 
 def _spec(tmp_path: Path, name: str, **recipe) -> TrainSpec:
     r = {"iterations": 7, "batch_size": 8, "lr": 0.05, "checkpoint_every": 3, "log_every": 2,
@@ -80,7 +83,8 @@ def test_a_run_logs_checkpoints_and_writes_its_result_last(tmp_path):
     assert [step for step, _ in tracker.calls] == [2, 4, 6, 7, 7]  # every 2, the last, eval
     step2 = tracker.calls[0][1]
     assert set(step2) == {"train/mse", "train/half", "train/lr"} and step2["train/half"] == 0.5
-    assert tracker.calls[-1][1] == {"eval/iterations": 7, "eval/train_seconds": 0.0}
+    assert tracker.calls[-1][1] == {}  # the toy result has no measurement, only ...
+    assert tracker.params == {"result.iterations": 7, "result.train_seconds": 0.0}  # params
     assert checkpoint_every(spec.recipe) == 3
     assert checkpoint_every(replace(spec.recipe, checkpoint_every=0, iterations=45)) == 4
 
