@@ -1,21 +1,31 @@
 """Consistency matrices: direct and streaming computation against an independent numpy reference."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import scipy.special
 import torch
 from scipy.spatial.distance import cdist
 
+import kcd.consistency as consistency
+from kcd import naming
 from kcd.consistency import (
     EPS,
     METRICS,
+    MOMENTS,
+    Accumulator,
+    Block,
     ConsistencyStatistics,
+    Metric,
     consistency_matrix,
     diagonal_consistency,
     gamma,
 )
 from kcd.errors import KcdError
+from kcd.registry import Registry
 
 N, C_T, C_S = 60, 6, 5
 
@@ -290,8 +300,6 @@ def test_load_rejects_other_files(tmp_path):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Blocks of 8 samples, pieces of 2 samples, products of 2 teacher channels at a time."""
-    import kcd.consistency as consistency
-
     monkeypatch.setattr(consistency, "_BLOCK_ROWS", (4, 8))
     monkeypatch.setattr(consistency, "_PIECE_ELEMENTS", 2 * C_T)
     monkeypatch.setattr(consistency, "_PRODUCT_ELEMENTS", 2 * C_S)
@@ -411,3 +419,231 @@ def test_streaming_after_a_1_sample_batch_matches_float64():
             atol = 0.0 if metric == "l2" else 1e-6  # l2 scores are ~1e-4: relative only
             np.testing.assert_allclose(stats.matrix(metric), reference(a, b, metric),
                                        rtol=1e-6, atol=atol, err_msg=f"{seed=} {metric}")
+
+
+# ---- the metric registry -------------------------------------------------------------------
+
+STREAM_SPLITS = {"one batch": [N], "size 1 then uneven": [1, 6, 13, 40], "size 7": [7] * 8 + [4]}
+
+
+def assert_close_to_direct(got: torch.Tensor, direct: torch.Tensor, metric: str) -> None:
+    """Streamed against direct: as :func:`assert_matches`, which checks against float64."""
+    assert got.shape == direct.shape
+    assert_matches(got, direct.numpy(), metric)
+
+
+def test_registered_metrics_and_their_table_labels():
+    assert list(METRICS) == ["l1", "l2", "correlation", "cosine", "kl"]
+    assert consistency.metric_names() == ("l1", "l2", "correlation", "cosine", "kl")
+    labels = {name: METRICS[name].label for name in METRICS}
+    assert labels == {"l1": "L1", "l2": "L2", "correlation": "Correlation", "cosine": "Cosine",
+                      "kl": "KL Divergence"}  # the row labels of Table 2
+    assert labels == dict(naming.METRICS.items())  # the torch-free names the tables read
+    for name, metric in METRICS.items():
+        assert isinstance(metric, Metric) and metric.name == name and metric.accumulators
+
+
+@pytest.mark.parametrize("blocks", ["one block", "blocks of 8"])
+@pytest.mark.parametrize("split", STREAM_SPLITS)
+@pytest.mark.parametrize("metric", list(METRICS))
+def test_every_metric_streams_to_its_direct_formula(request, metric, split, blocks):
+    if blocks == "blocks of 8":
+        request.getfixturevalue("small_blocks")
+    a, b = features(mean=3.0, seed=13)
+    direct = METRICS[metric].matrix(torch.from_numpy(a), torch.from_numpy(b))
+    stats = stream(a, b, STREAM_SPLITS[split], metrics=[metric])
+    assert_close_to_direct(stats.matrix(metric), direct, metric)
+
+
+def test_metrics_share_identical_accumulators():
+    """l2, cosine and correlation read one set of moments: one cross product, not three."""
+    moment_metrics = ("l2", "cosine", "correlation")
+    assert all(METRICS[m].accumulators == (MOMENTS,) for m in moment_metrics)
+    # fed in this order: kl's accumulator spends the block rows after the moments read them
+    assert [acc.name for acc in consistency._accumulators_of(METRICS)] == ["moments", "softmax",
+                                                                            "l1"]
+    a, b = features(seed=14)
+    together = stream(a, b, [N], metrics=moment_metrics).state_dict()["tensors"]
+    alone = stream(a, b, [N], metrics=["correlation"]).state_dict()["tensors"]
+    assert together.keys() == alone.keys()
+    assert sum(t.dim() == 2 for t in together.values()) == 1  # the cross product, once
+    for key in alone:
+        assert torch.equal(together[key], alone[key])
+
+
+def test_state_layout_is_that_of_statistics_files_on_disk():
+    """The tensors saved per metric; statistics files written before keep loading."""
+    moments = {"sum_t", "sum_s", "sq_t", "sq_s", "cross"}
+    softmax = {"max_t", "z_t", "u_t", "max_s", "z_s", "v"}
+    expected = {"l1": {"l1"}, "l2": moments, "correlation": moments, "cosine": moments,
+                "kl": softmax}
+    for metric, keys in expected.items():
+        stats = ConsistencyStatistics(C_T, C_S, [metric])
+        assert set(stats.state_dict()["tensors"]) == {"shift_t", "shift_s"} | keys, metric
+    everything = ConsistencyStatistics(C_T, C_S).state_dict()["tensors"]
+    assert list(everything) == ["shift_t", "shift_s", "sum_t", "sum_s", "sq_t", "sq_s", "cross",
+                                "max_t", "z_t", "u_t", "max_s", "z_s", "v", "l1"]
+
+
+@pytest.mark.parametrize("metrics", [list(METRICS), ["kl", "l2"], ["l1"]])
+def test_state_round_trip_resumes_exactly(tmp_path, metrics):
+    a, b = features(mean=20.0, seed=15)
+    stats = stream(a[:33], b[:33], [1, 32], metrics)
+    state = stats.state_dict()
+    stats.save(tmp_path / "stats.pt")
+    for restored in (ConsistencyStatistics.from_state_dict(copy.deepcopy(state)),
+                     ConsistencyStatistics.load(tmp_path / "stats.pt")):
+        assert restored.metrics == tuple(metrics) and restored.n == 33
+        for key, value in restored.state_dict()["tensors"].items():
+            assert torch.equal(value, state["tensors"][key]), key
+        restored.update(torch.from_numpy(a[33:]), torch.from_numpy(b[33:]))
+        stats.update(torch.from_numpy(a[33:]), torch.from_numpy(b[33:]))
+        for metric in metrics:
+            assert torch.equal(restored.matrix(metric), stats.matrix(metric)), metric
+        stats = ConsistencyStatistics.from_state_dict(copy.deepcopy(state))  # from the save
+
+
+# ---- a metric added by registration alone -------------------------------------------------
+
+
+class _LargestDifference(Accumulator):
+    """``max_n |a_ni - b_nj|`` from whole batches: an accumulator that is not buffered."""
+
+    name = "test-largest-difference"
+
+    def empty(self, c_t, c_s, device):
+        return {"largest": torch.zeros(c_t, c_s, dtype=torch.float64, device=device)}
+
+    def add_batch(self, state, x_t, x_s):
+        batch = torch.cdist(x_t.double().T, x_s.double().T, p=float("inf"))
+        torch.maximum(state["largest"], batch, out=state["largest"])
+
+    def merge(self, state, work, theirs, n, d_t, d_s):
+        torch.maximum(state["largest"], theirs["largest"], out=state["largest"])
+
+
+class _SpentTeacherSums(Accumulator):
+    """Teacher sums from the block rows, which it then spoils (it spends them, like kl's)."""
+
+    name = "test-spent-sums"
+    buffered = True
+    spends_rows = True
+
+    def empty(self, c_t, c_s, device):
+        return {"spent_sum_t": torch.zeros(c_t, dtype=torch.float64, device=device)}
+
+    def add_block(self, state, work, block: Block):
+        state["spent_sum_t"].add_(block.rows_t.double().sum(0) + block.k * block.offset_t)
+        block.rows_t.fill_(float("nan"))
+        block.rows_s.fill_(float("nan"))
+
+    def merge(self, state, work, theirs, n, d_t, d_s):
+        state["spent_sum_t"].add_(theirs["spent_sum_t"] + n * d_t)
+
+
+def _inverse(distance):
+    return 1.0 / (distance + EPS)
+
+
+TEST_METRICS = (
+    Metric("linf", "L∞",
+           matrix=lambda a, b: _inverse(torch.cdist(a.T, b.T, p=float("inf"))),
+           diagonal=lambda t, s: _inverse((t - s).abs().amax(0)),
+           accumulators=(_LargestDifference(),),
+           from_state=lambda st, n: _inverse(st["largest"])),
+    # Reuses the moments of l2, cosine and correlation: the raw mean product.
+    Metric("mean-product", "Mean product",
+           matrix=lambda a, b: a.T @ b / a.shape[0],
+           diagonal=lambda t, s: (t * s).mean(0),
+           accumulators=(MOMENTS,),
+           from_state=lambda st, n: (
+               st["cross"] + torch.outer(st["shift_t"], st["sum_s"] + n * st["shift_s"])
+               + torch.outer(st["sum_t"], st["shift_s"])) / n),
+    Metric("teacher-mean", "Teacher mean",
+           matrix=lambda a, b: a.mean(0)[:, None].expand(-1, b.shape[1]).clone(),
+           diagonal=lambda t, s: t.mean(0),
+           accumulators=(_SpentTeacherSums(),),
+           from_state=lambda st, n: (st["spent_sum_t"] / n + st["shift_t"])[:, None]
+           .expand(-1, st["shift_s"].shape[0]).clone()),
+)
+
+
+@pytest.fixture
+def test_metrics(monkeypatch):
+    """A test-local copy of the registry with TEST_METRICS added; METRICS itself is untouched."""
+    registry = Registry(METRICS.kind)
+    for name, metric in METRICS.items():
+        registry.register(name, metric)
+    for metric in TEST_METRICS:
+        registry.register(metric.name, metric)
+    monkeypatch.setattr(consistency, "METRICS", registry)
+    return registry
+
+
+@pytest.mark.parametrize("blocks", ["one block", "blocks of 8"])
+def test_a_registered_metric_works_through_the_statistics(request, test_metrics, blocks):
+    if blocks == "blocks of 8":
+        request.getfixturevalue("small_blocks")
+    a, b = features(mean=5.0, seed=16)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    names = [m.name for m in TEST_METRICS]
+    builtin = ["kl", "correlation", "l1"]
+    for name in names:
+        direct = consistency_matrix(ta, tb, name)
+        assert torch.equal(direct, test_metrics[name].matrix(ta, tb))
+        diag = diagonal_consistency(ta[:, :C_S], tb, name)
+        assert torch.allclose(diag, consistency_matrix(ta[:, :C_S], tb, name).diagonal())
+    # Two accumulators spend the block rows (the test's and kl's), in either order.
+    for metrics in (names + builtin, builtin[::-1] + names[::-1]):
+        whole = stream(a, b, [N], metrics)
+        for sizes in STREAM_SPLITS.values():
+            stats = stream(a, b, sizes, metrics)
+            for name in names:
+                got = stats.matrix(name)
+                np.testing.assert_allclose(got, consistency_matrix(ta, tb, name),
+                                           rtol=1e-6, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(got, whole.matrix(name), rtol=1e-9, atol=1e-12)
+            for name in builtin:  # untouched by the added metrics
+                alone = stream(a, b, sizes, [name])
+                assert torch.equal(stats.matrix(name), alone.matrix(name)), name
+    # Shared moments: mean-product adds no state to correlation's.
+    shared = stream(a, b, [N], ["correlation", "mean-product"]).state_dict()["tensors"]
+    assert shared.keys() == stream(a, b, [N], ["correlation"]).state_dict()["tensors"].keys()
+
+
+def test_a_registered_metric_saves_loads_and_merges(test_metrics, tmp_path):
+    a, b = features(mean=-4.0, seed=17)
+    metrics = [m.name for m in TEST_METRICS] + ["kl"]
+    first = stream(a[:20], b[:20], [3, 17], metrics)
+    first.save(tmp_path / "first.pt")
+    loaded = ConsistencyStatistics.load(tmp_path / "first.pt")
+    second = stream(a[20:] + 1.5, b[20:] - 0.5, [40], metrics)  # another shift
+    loaded.merge(second)
+    a_all = np.concatenate([a[:20], a[20:] + 1.5])
+    b_all = np.concatenate([b[:20], b[20:] - 0.5])
+    for name in metrics:
+        direct = consistency_matrix(torch.from_numpy(a_all), torch.from_numpy(b_all), name)
+        if name == "kl":
+            assert_close_to_direct(loaded.matrix(name), direct, name)
+        else:
+            np.testing.assert_allclose(loaded.matrix(name), direct, rtol=1e-6, atol=1e-6,
+                                       err_msg=name)
+    assert "linf" not in METRICS  # the module's registry never saw the test's metrics
+
+
+def test_accumulator_names_and_state_entries_must_be_unique(monkeypatch):
+    registry = Registry(METRICS.kind)
+    impostor = _LargestDifference()
+    registry.register("a", TEST_METRICS[0])
+    registry.register("b", dataclasses.replace(TEST_METRICS[0], name="b", accumulators=(impostor,)))
+    clash = _LargestDifference()
+    clash.name = "another name"
+    registry.register("c", dataclasses.replace(TEST_METRICS[0], name="c", accumulators=(clash,)))
+    monkeypatch.setattr(consistency, "METRICS", registry)
+    ConsistencyStatistics(2, 2, ["a"])
+    with pytest.raises(KcdError, match="two different accumulators are named"):
+        ConsistencyStatistics(2, 2, ["a", "b"])
+    with pytest.raises(KcdError, match="reuses the state entries largest"):
+        ConsistencyStatistics(2, 2, ["a", "c"])
+    with pytest.raises(KcdError, match="names no accumulator"):
+        Metric("none", "None", matrix=None, diagonal=None, accumulators=(), from_state=None)
