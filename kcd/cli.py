@@ -169,9 +169,33 @@ def cmd_demo_data(args: argparse.Namespace) -> None:
     _summary(f"demo data ({', '.join(args.kinds)}) in {args.root} ({time.time() - t:.1f} s)")
 
 
+def _task(spec: dict) -> str:
+    """The task of a job's spec, from its dataset's registry entry (kcd.data.DATASETS)."""
+    from kcd.data import DATASETS
+
+    data = spec.get("data")
+    name = spec.get("dataset") or (data.get("name") if isinstance(data, dict) else None)
+    return DATASETS.get(name).task if isinstance(name, str) and name in DATASETS \
+        else "classification"
+
+
 def cmd_init(args: argparse.Namespace) -> None:
     from kcd.config import num_classes
     from kcd.train import init_weights
+
+    if args.spec:  # as the workflow passes it, for a classifier or a detector
+        spec = _spec_arg(args)
+        if _task(spec) == "detection":
+            from kcd.detection import init_detector
+
+            path = _job(args, lambda dataset=None, **kw: init_detector(**kw))
+            _summary(f"detector theta0 -> {path}")
+            return
+        _check_keys(spec, ("dataset", "arch", "seed", "num_classes", "path"), "--spec")
+        init_weights(spec["arch"], spec["seed"], spec["num_classes"], spec["path"])
+        _summary(f"theta0 of {spec['arch']} seed {spec['seed']} -> {spec['path']}")
+        return
+    _need(args, "arch", "seed", "out")
 
     if args.num_classes is None and args.dataset is None:
         raise KcdError("kcd init needs --num-classes N or --dataset NAME (whose class count "
@@ -180,6 +204,14 @@ def cmd_init(args: argparse.Namespace) -> None:
                else num_classes(_config(args), args.dataset))
     init_weights(args.arch, args.seed, classes, args.out)
     _summary(f"theta0 of {args.arch} seed {args.seed} ({classes} classes) -> {args.out}")
+
+
+def _check_keys(spec: dict, keys: tuple[str, ...], flag: str) -> None:
+    missing = [k for k in keys if k not in spec]
+    unknown = sorted(set(spec) - set(keys))
+    if missing or unknown:
+        raise KcdError(f"{flag}: " + (f"missing key {missing[0]}" if missing else
+                                      f"unknown key {unknown[0]}") + f"; keys: {', '.join(keys)}")
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -197,6 +229,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         return train_spec(_config(args), dataset=args.dataset, arch=args.arch, seed=args.seed,
                           theta0=args.theta0, out_dir=args.out, save_anchors=args.save_anchors)
 
+    if args.spec and _task(_spec_arg(args)) == "detection":
+        return _train_detector(args)
     _train(args, _spec(args, TrainSpec, resolve))
 
 
@@ -219,6 +253,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
             tags={"teacher": args.teacher, "transform": transform}, **extra,
         )
 
+    if args.spec and _task(_spec_arg(args)) == "detection":
+        return _train_detector(args)
     _train(args, _spec(args, TrainSpec, resolve))
 
 
@@ -242,6 +278,8 @@ def cmd_statistics(args: argparse.Namespace) -> None:
             student_weights=args.student_weights, out=args.out, groups=args.groups,
             layers=(args.teacher_layer, args.student_layer), metrics=args.metrics)
 
+    if args.spec and _task(_spec_arg(args)) == "detection":
+        return _detector_statistics(args)
     spec = _spec(args, StatisticsSpec, resolve)
     info = compute_statistics(spec, progress=not args.quiet)
     _summary(f"statistics of {info['samples']} images, {info['c_t']}x{info['c_s']} channels "
@@ -495,19 +533,11 @@ def _check_configfile_order(argv: list[str]) -> None:
                            "before --configfile or end its list with --")
 
 
-def cmd_detect_init(args: argparse.Namespace) -> None:
-    from kcd.detection import init_detector
-
-    path = _job(args, init_detector)
-    _summary(f"detector theta0 -> {path}")
-
-
-def cmd_detect_train(args: argparse.Namespace) -> None:
+def _train_detector(args: argparse.Namespace) -> None:
+    """``kcd pretrain``/``distill`` of a detection dataset: a Faster R-CNN + FPN detector."""
     from kcd.detection import train_detector
     from kcd.specs import DetectionSpec, from_dict
 
-    if not args.spec:
-        raise KcdError("detect-train needs --spec (the run as JSON, as the workflow writes it)")
     spec = from_dict(DetectionSpec, _spec_arg(args))
     tags, params = _run_params(spec)
     with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
@@ -519,7 +549,8 @@ def cmd_detect_train(args: argparse.Namespace) -> None:
              f"{spec.out_dir}")
 
 
-def cmd_detect_statistics(args: argparse.Namespace) -> None:
+def _detector_statistics(args: argparse.Namespace) -> None:
+    """``kcd statistics`` of a detection dataset: the two detectors' backbones."""
     from kcd.detection import detection_statistics
     from kcd.specs import DataSpec, from_dict
 
@@ -597,12 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["cifar100", "imagenet", "coco", "cifar10"])
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
 
-    p = add("init", cmd_init, "write theta0, the initial weights of (architecture, seed)")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p = add("init", cmd_init, "write theta0, the initial weights of (architecture, seed) of a "
+                              "classifier or a detector")
+    p.add_argument("--spec", help="the job as JSON (text or file), as the workflow passes it: "
+                                  "{dataset, arch, seed, num_classes, path} (a detector's "
+                                  "dataset: {dataset, backbone, seed, num_classes, path, ...})")
+    p.add_argument("--arch")
+    p.add_argument("--seed", type=int)
     p.add_argument("--dataset", help="dataset whose class count to use")
     p.add_argument("--num-classes", type=int)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out")
 
     p = add("pretrain", cmd_pretrain, "train a model from its theta0 with cross-entropy "
                                       "(teachers, and the students of Algorithm 1 step 3)")
@@ -690,16 +725,6 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "workflow writes it")
         _runtime_flag(p)
 
-    for name, fn, text in (
-        ("detect-init", cmd_detect_init, "Table 9: theta0 of a Faster R-CNN + FPN detector"),
-        ("detect-statistics", cmd_detect_statistics,
-         "Table 9: consistency statistics of two trained detectors' backbones"),
-    ):
-        p = add(name, fn, text, config=False)
-        p.add_argument("--spec", required=True, help="the job as JSON (text or file)")
-        _runtime_flag(p)
-    p = add("detect-train", cmd_detect_train, "Table 9: pre-train or distil a detector")
-    _tracked(p)
 
     p = add("heatmap", cmd_heatmap, "picture of a pair's consistency matrix with its "
                                     "transform's matches, and the transform as a table",

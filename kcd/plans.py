@@ -22,6 +22,7 @@ from kcd.config import (
     statistics_spec,
     train_spec,
 )
+from kcd.data import DATASETS
 from kcd.errors import KcdError
 from kcd.layout import Layout
 from kcd.naming import NO_TRANSFORM, parse_transform_name
@@ -68,7 +69,20 @@ class Plans:
                 for i in anchor_iterations(self.cfg, ds, teacher)] + [
             self.layout.final(ds, teacher, tseed)]
 
+    def task(self, ds: str) -> str:
+        """The dataset's task (:data:`kcd.data.DATASETS`): which engine its jobs run."""
+        return DATASETS.get(ds).task
+
+    def init_spec(self, ds: str, arch: str, seed: object) -> dict:
+        """``kcd init --spec``: theta0 of a classifier or of a detector."""
+        if self.task(ds) == "detection":
+            return {"dataset": ds, **self.detect_init_spec(ds, arch, seed)}
+        return {"dataset": ds, "arch": arch, "seed": int(seed),
+                "num_classes": num_classes(self.cfg, ds), "path": self.layout.theta0(ds, arch, seed)}
+
     def pretrain_spec(self, ds: str, arch: str, seed: object) -> dict:
+        if self.task(ds) == "detection":
+            return self.detect_pretrain_spec(ds, arch, seed)
         L = self.layout
         return to_dict(train_spec(
             self.cfg, dataset=ds, arch=arch, seed=int(seed), theta0=L.theta0(ds, arch, seed),
@@ -90,6 +104,8 @@ class Plans:
 
     def distill_spec(self, ds: str, teacher: str, tseed: object, student: str, method: str,
                      transform: str, seed: object) -> dict:
+        if self.task(ds) == "detection":
+            return self.detect_distill_spec(ds, teacher, tseed, student, method, transform, seed)
         L = self.layout
         return to_dict(train_spec(
             self.cfg, dataset=ds, arch=student, seed=int(seed),
@@ -114,6 +130,8 @@ class Plans:
         return sorted(k for k in a.get("groups", []) if k > 1)
 
     def stats_spec(self, ds: str, teacher: str, tw: str, student: str, sw: str) -> dict:
+        if self.task(ds) == "detection":
+            return self.detect_stats_spec(ds, teacher, tw, student, sw)
         L = self.layout
         return to_dict(statistics_spec(
             self.cfg, dataset=ds, teacher=teacher, teacher_weights=L.weights(ds, teacher, tw),

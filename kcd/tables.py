@@ -45,21 +45,25 @@ class Row:
 
 
 COMPARISON_ROWS: Registry[Row] = Registry("table row")
-for _row in (
-    Row("Baseline", "baseline"),
-    Row("KD", "kd"),
-    Row("FitNets", "fitnets"),
-    Row("AT", "at"),
-    Row("RKD", "rkd"),
-    Row("AB", "ab"),
-    Row("RCO", "rco"),
-    Row("Ours", "l2", KCD),
-    Row("Ours + FitNets", "fitnets", KCD),
-    Row("Ours + AB", "ab", KCD),
-    Row("Ours + RKD", "rkd", KCD),
-    Row("Ours + RCO", "rco", KCD),
-):
-    COMPARISON_ROWS.register(_row.label, _row)
+"""The rows of Tables 7 and 8, derived from the method registry: ``Baseline`` (the student's
+own pre-training), each method by its label (``KD``), and with the KCD transform ``Ours + <label>``
+for each method that reads features (``Ours`` for "Ours" itself: L2 to the transformed
+teacher). A config's ``tables.<name>.rows`` picks and orders them."""
+
+
+def _comparison_rows() -> None:
+    from kcd.losses import LOSSES
+
+    COMPARISON_ROWS.register("Baseline", Row("Baseline", "baseline"))
+    for name, method in LOSSES.items():
+        COMPARISON_ROWS.register(method.label, Row(method.label, name))
+    for name, method in LOSSES.items():
+        if method.features:
+            label = "Ours" if name == "l2" else f"Ours + {method.label}"
+            COMPARISON_ROWS.register(label, Row(label, name, KCD))
+
+
+_comparison_rows()
 
 
 def comparison_row(label: str, kcd_transform: str) -> Row:

@@ -369,8 +369,8 @@ DATA_CASES = [
         lambda ws: _imagefolder(ws, {"train": {f"n{i}/a.png": _png() for i in range(3)},
                                      "val": {**{f"n{i}/a.png": _png() for i in range(3)},
                                              "n1/broken.png": b"not a png"}}, "broken")),
-    Case("cli-detect-spec-missing-key", ["detect-statistics", "--spec", json.dumps({"bad": 1})],
-         "data"),
+    Case("cli-detect-spec-missing-key", ["statistics", "--spec", json.dumps(
+        {"data": {"name": "coco", "root": "x"}})], "teacher"),
 ]
 
 FILE_CASES = [

@@ -134,8 +134,11 @@ def paper(request, dry_runs):
     return (request.param, *dry_runs[request.param])
 
 
-def _specs(jobs: list[Job], *rules: str) -> list[tuple[Job, dict]]:
-    found = [(j, j.spec) for j in jobs if j.rule in rules]
+def _specs(jobs: list[Job], *rules: str, detection: bool = False) -> list[tuple[Job, dict]]:
+    """The jobs of ``rules`` with their specs: classifiers', or with ``detection`` the
+    detectors' (both run through the same rules)."""
+    found = [(j, j.spec) for j in jobs if j.rule in rules
+             and ((j.spec.get("data") or {}).get("name") == "coco") == detection]
     assert found, f"no {rules} job in the dry run"
     return found
 
@@ -155,8 +158,12 @@ def test_the_dag_holds_every_kind_of_job(paper):
     _, jobs, cfg = paper
     rules = {j.rule for j in jobs}
     assert {"init", "pretrain", "statistics", "transform", "learned_transform", "distill",
-            "detect_init", "detect_pretrain", "detect_statistics", "detect_distill", "overlap",
-            "feature_consistency", "figure1", "table", "tables_md"} <= rules
+            "overlap", "feature_consistency", "figure1", "consistency_heatmap", "table",
+            "tables_md"} <= rules
+    # detectors run through the same rules as classifiers (the dataset's task chooses)
+    coco = {j.rule for j in jobs if '"name": "coco"' in j.args.get("spec", "")
+            or '"dataset": "coco"' in j.args.get("spec", "")}
+    assert coco == {"init", "pretrain", "statistics", "distill"}
     assert cfg["scale"] == "paper"
 
 
@@ -246,13 +253,13 @@ def test_detection_runs_have_the_coco_settings(paper):
 
     assert LAYER == COCO_LAYER
     _, jobs, _ = paper
-    for job, spec in _specs(jobs, "detect_pretrain", "detect_distill"):
+    for job, spec in _specs(jobs, "pretrain", "distill", detection=True):
         got = {k: spec["recipe"][k] for k in CHOSEN["coco recipe"]}
         assert got == CHOSEN["coco recipe"]
         assert spec["warmup_iterations"] == CHOSEN["coco warmup_iterations"]
         assert spec["data"]["eval_limit"] is None and spec["recipe"]["grad_clip"] is None
         assert spec["options"] == {}  # torchvision's detector defaults, not the demo's
-        if job.rule == "detect_distill":
+        if job.rule == "distill":
             assert spec["distill"]["method"] == "l2"
             assert spec["distill"]["weight"] == COCO_L2_WEIGHT
 

@@ -97,3 +97,17 @@ def test_table_labels_come_from_the_registries():
     table1 = ABLATIONS.get("1")("bipartite-correlation")
     assert [r.label for r in table1[1:]] == [s.label for s in STRATEGIES.values()
                                             if s.name != "identity"]
+
+
+def test_table_rows_come_from_the_method_registry():
+    """A method needs no table code: its label is a row, and with the KCD transform
+    "Ours + <label>" when it reads features (KD reads logits only)."""
+    from kcd.tables import COMPARISON_ROWS, comparison_row
+
+    for name, method in LOSSES.items():
+        assert COMPARISON_ROWS.get(method.label).method == name
+        ours = "Ours" if name == "l2" else f"Ours + {method.label}"
+        assert (ours in COMPARISON_ROWS) == method.features
+    assert "Ours + KD" not in COMPARISON_ROWS
+    row = comparison_row("Ours + FitNets", "greedy-l1")
+    assert (row.method, row.transform) == ("fitnets", "greedy-l1")

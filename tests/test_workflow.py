@@ -70,6 +70,7 @@ def test_table7_rows_columns_and_provenance(built):
         result = json.loads(expected[line["row"]].read_text())
         assert line["resnet20_0.5x"] == pytest.approx(result["top1"])
         assert line["resnet20_0.5x_n"] == 1
+        assert line["resnet20_0.5x_runs"] == str(expected[line["row"]].parent.relative_to(built))
     paper = pd.read_csv(REPO / "kcd" / "paper" / "table7.csv").set_index("row")
     for _, line in df.iterrows():
         assert line["resnet20_0.5x_paper"] == paper.loc[line["row"], "resnet20_0.5x"]

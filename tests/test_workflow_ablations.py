@@ -129,7 +129,8 @@ def test_runs_are_shared_between_tables(built):
     assert len(cells) == 1
     distills = [line for line in dry.splitlines() if line.strip().startswith("distill ")]
     # 2 table 7 runs + 4 (T1) + 4 (T2) + 2 (T3) + 3 (T4) + 1 (T5) + 1 (T6) + 1 (Ours) + 6 (T11)
-    assert distills and int(distills[0].split()[1]) == 24
+    # + 2 (Table 9's L2 and Ours: detectors run through the same rule)
+    assert distills and int(distills[0].split()[1]) == 26
 
 
 def test_analysis_tables_measure_what_they_say(built):
@@ -161,7 +162,8 @@ def test_table9_cells_come_from_the_detection_runs(built):
     for row, path in (("Student", coco / "models/resnet18-s0/result.json"),
                       ("L2", runs / "l2/none/s0/result.json"),
                       ("Ours", runs / "l2/bipartite-correlation/s0/result.json")):
-        assert t9.loc[row, "resnet18"] == pytest.approx(json.loads(path.read_text())["AP"])
+        # the csv rounds to 4 decimals
+        assert t9.loc[row, "resnet18"] == pytest.approx(json.loads(path.read_text())["AP"], abs=5e-5)
     assert t9.loc["Ours", "resnet18_paper"] == 36.8
     assert pd.isna(t9["teacher_AP_paper"].iloc[0])  # the paper's teacher is a ResNet-152
     from kcd.transforms import load_transform

@@ -57,6 +57,8 @@ class MethodSpec:
     default_weight: float
     description: str
     options: tuple[str, ...] = ()
+    label: str = ""  # its row in the tables ("KD"); "Ours + <label>" with the KCD transform
+    features: bool = True  # reads feature pairs (so the KCD transform applies to it)
 
     @property
     def cls(self) -> type[DistillationLoss]:
@@ -68,6 +70,10 @@ class MethodSpec:
             raise KcdError(f"distillation method '{self.name}': its registry entry declares "
                            f"options {list(self.options)} but {self.loss} accepts "
                            f"{list(accepted)}; make them agree in kcd/losses/__init__.py")
+        if cls.uses_features != self.features:
+            raise KcdError(f"distillation method '{self.name}': its registry entry says "
+                           f"features={self.features} but {self.loss}.uses_features is "
+                           f"{cls.uses_features}; make them agree in kcd/losses/__init__.py")
         return cls
 
     @property
@@ -91,28 +97,30 @@ LOSSES: Registry[MethodSpec] = Registry("distillation method")
 
 
 def _register(name: str, loss: str, default_weight: float, description: str,
-              options: tuple[str, ...] = ()) -> None:
+              options: tuple[str, ...] = (), label: str = "", features: bool = True) -> None:
     LOSSES.register(name, MethodSpec(name, f"kcd.losses.{loss}", default_weight, description,
-                                     options))
+                                     options, label or name.upper(), features))
 
 
 _register("kd", "kd:KDLoss", 16.0, "Hinton et al. KD: softened-logit KL to the teacher (T=4)",
-          ("temperature", "t_squared"))
+          ("temperature", "t_squared"), label="KD", features=False)
 _register("fitnets", "fitnets:FitNetsLoss", 1e2,
-          "FitNets: L2 between regressed student feature and teacher feature")
+          "FitNets: L2 between regressed student feature and teacher feature", label="FitNets")
 _register("at", "at:ATLoss", 1e3,
-          "Attention transfer: L2 between normalised spatial attention maps", ("p",))
+          "Attention transfer: L2 between normalised spatial attention maps", ("p",),
+          label="AT")
 _register("ab", "ab:ABLoss", 10.0,
           "Activation boundaries: margin loss on pre-ReLU features via a connector",
-          ("margin", "throughout"))
+          ("margin", "throughout"), label="AB")
 _register("rkd", "rkd:RKDLoss", 10.0,
           "Relational KD: distance and angle relations between samples",
-          ("dist_weight", "angle_weight", "l2_weight"))
+          ("dist_weight", "angle_weight", "l2_weight"), label="RKD")
 _register("rco", "rco:RCOLoss", 1e2,
           "Route-constrained optimisation: hint + KD to the current teacher anchor",
-          ("kd_weight", "temperature"))
+          ("kd_weight", "temperature"), label="RCO")
 _register("l2", "l2:L2Loss", 1e2,
-          "Ours: L2 between student feature and transformed teacher feature (Eq. 9)")
+          "Ours: L2 between student feature and transformed teacher feature (Eq. 9)",
+          label="L2")
 
 # The loss classes, importable from kcd.losses (loaded on first use: the registry above
 # must not import torch).

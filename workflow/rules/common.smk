@@ -46,10 +46,6 @@ TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
 # Jobs (and the warm worker's forks, SLURM jobs through sbatch) inherit the environment.
 os.environ["KCD_TRACKING_REQUIRED"] = "1" if config.get("tracking", {}).get("required") else "0"
 
-# Detection datasets have their own rules (rules/detection.smk) on the same layout.
-DETECTION_DATASETS = "coco"
-CLASSIFICATION_DATASETS = r"(?!coco\b)[a-z0-9]+"
-
 # No wildcard may carry a path separator or a shell metacharacter.
 wildcard_constraints:
     ds=r"[a-z0-9]+",

@@ -12,8 +12,6 @@ rule distill:
     output:
         result=RUN_FILE.format(file="result.json"),
         final=RUN_FILE.format(file="final.pt"),
-    wildcard_constraints:
-        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "runs", "{teacher}-s{tseed}__{student}", "{method}", "{transform}", "s{seed}"),
     resources:

@@ -1,5 +1,6 @@
 # Steps 2-3: pre-training from theta0 with cross-entropy: the teachers (with RCO's anchor
-# checkpoints) and the students of Algorithm 1 step 3 (also Tables 7/8's Baseline row).
+# checkpoints) and the students of Algorithm 1 step 3 (also Tables 7/8's Baseline row);
+# on a detection dataset, Faster R-CNN + FPN detectors (Table 9) through the same rule.
 
 
 # lint: no conda/container per rule; every rule runs in the one kcd environment
@@ -10,8 +11,6 @@ rule pretrain:
     output:
         final=L.final("{ds}", "{arch}", "{seed}"),
         result=L.model_file("{ds}", "{arch}", "{seed}", "result.json"),
-    wildcard_constraints:
-        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "pretrain", "{arch}-s{seed}"),
     resources:

@@ -10,8 +10,6 @@ rule statistics:
         data=lambda w: data_input(w.ds),
     output:
         L.stats("{ds}", "{teacher}", "{tw}", "{student}", "{sw}"),
-    wildcard_constraints:
-        ds=CLASSIFICATION_DATASETS,
     log:
         log_path("{ds}", "statistics", "{teacher}-{tw}__{student}-{sw}"),
     resources:
