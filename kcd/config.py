@@ -40,6 +40,10 @@ def _with_registry_names(s: dict) -> dict:
     props["kcd_transform"]["pattern"] = (
         f"^({'|'.join(MATCHED_STRATEGIES)})-({'|'.join(METRIC_NAMES)})$")
     props["statistics"]["properties"]["metrics"]["items"] = {"enum": list(METRIC_NAMES)}
+    from kcd.tables import ABLATIONS, ANALYSIS_TABLES
+
+    props["ablations"]["properties"]["tables"]["items"] = {
+        "enum": sorted({int(n) for n in ABLATIONS} | set(ANALYSIS_TABLES))}
     return s
 
 

@@ -29,6 +29,7 @@ from kcd.naming import NO_TRANSFORM, parse_transform_name
 from kcd.specs import to_dict
 from kcd.tables import (
     ABLATION_TITLES,
+    ABLATIONS,
     FEATURE_CONSISTENCY_ROWS,
     KCD,
     ablation_rows,
@@ -380,7 +381,7 @@ class Plans:
             int(name.removeprefix("table")): (lambda n: self.comparison_plan(f"table{n}"))
             for name in self.cfg.get("tables", {})}
         ablations = self.ablation_tables()
-        plans.update({n: self.ablation_plan for n in ablations if n <= 6})
+        plans.update({n: self.ablation_plan for n in ablations if str(n) in ABLATIONS})
         if 10 in ablations:
             plans[10] = self.overlap_plan
         if 11 in ablations:

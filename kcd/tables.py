@@ -100,15 +100,20 @@ class AblationRow:
     seeds: tuple[int, ...] | None = None
 
 
-ABLATION_TITLES = {
-    1: "transform strategy (correlation metric)",
-    2: "consistency metric (bipartite matching)",
-    3: "initialisation: the transform computed for theta0, used with re-initialised models",
-    4: "transform computed from initial (S0, T0) or trained (S, T) weights",
-    5: "static vs dynamic transform",
-    6: "number K of per-class transforms",
-}
 ABLATIONS: Registry = Registry("ablation table")
+"""The tables of the ablation pair (Tables 1-6): number -> rows function, with its title in
+:data:`ABLATION_TITLES`. Registering one (:func:`ablation`) is all a new one needs besides the
+paper's csv: the config accepts its number and the plans build it."""
+ABLATION_TITLES: dict[int, str] = {}
+ANALYSIS_TABLES = (10, 11)  # also on the ablation pair, from analyses (kcd.analysis)
+
+
+def ablation(number: int, title: str):
+    """Register the rows function of ablation Table ``number``."""
+    def add(fn):
+        ABLATION_TITLES[number] = title
+        return ABLATIONS.register(str(number), fn)
+    return add
 
 
 def _split(kcd_transform: str) -> tuple[str, str]:
@@ -130,7 +135,7 @@ def _baseline(label: str, paper: tuple[tuple[str, Any], ...]) -> AblationRow:
     return AblationRow(label, ABLATION_BASELINE, NO_TRANSFORM, paper=paper)
 
 
-@ABLATIONS.register("1")
+@ablation(1, "transform strategy (correlation metric)")
 def _table1(kcd_transform: str, **_: Any) -> list[AblationRow]:
     _, metric = _split(kcd_transform)
     rows = [_baseline("Baseline", (("row", "Baseline"),))]
@@ -142,14 +147,15 @@ def _table1(kcd_transform: str, **_: Any) -> list[AblationRow]:
     return rows
 
 
-@ABLATIONS.register("2")
+@ablation(2, "consistency metric (bipartite matching)")
 def _table2(kcd_transform: str, **_: Any) -> list[AblationRow]:
     strategy, _ = _split(kcd_transform)
     return [AblationRow(label, "l2", f"{strategy}-{metric}", paper=(("row", label),))
             for metric, label in METRICS.items()]
 
 
-@ABLATIONS.register("3")
+@ablation(3, "initialisation: the transform computed for theta0, used with re-initialised "
+             "models")
 def _table3(kcd_transform: str, *, reinit_seeds: Sequence[int], teacher_seed: int,
             seeds: Sequence[int], **_: Any) -> list[AblationRow]:
     """(a) students from other seeds, (b) teachers trained from other seeds, both distilled
@@ -169,7 +175,7 @@ def _table3(kcd_transform: str, *, reinit_seeds: Sequence[int], teacher_seed: in
     return rows
 
 
-@ABLATIONS.register("4")
+@ablation(4, "transform computed from initial (S0, T0) or trained (S, T) weights")
 def _table4(kcd_transform: str, **_: Any) -> list[AblationRow]:
     cells = (("S0/T0", "@init-st", "initial (S0)", "initial (T0)"),
              ("S0/T", "@init-s", "initial (S0)", "trained (T)"),
@@ -180,14 +186,14 @@ def _table4(kcd_transform: str, **_: Any) -> list[AblationRow]:
             for label, src, sw, tw in cells]
 
 
-@ABLATIONS.register("5")
+@ablation(5, "static vs dynamic transform")
 def _table5(kcd_transform: str, **_: Any) -> list[AblationRow]:
     return [_baseline("Baseline", (("row", "Baseline"),)),
             AblationRow("Static", "l2", kcd_transform, paper=(("row", "Static"),)),
             AblationRow("Dynamic", "l2", kcd_transform + "+dyn", paper=(("row", "Dynamic"),))]
 
 
-@ABLATIONS.register("6")
+@ablation(6, "number K of per-class transforms")
 def _table6(kcd_transform: str, *, groups: Sequence[int], **_: Any) -> list[AblationRow]:
     """K = 0 is L2 distillation without any transform: the ablations' baseline run
     (:data:`ABLATION_BASELINE`), as the paper's K = 0 equals its Table 1 Baseline (67.52)."""
