@@ -36,13 +36,13 @@ def _tracker(args: argparse.Namespace, experiment: str, run_name: str, params: d
     from the config when one is read here (the workflow passes ``--tracking-uri`` alone)."""
     if args.no_track or int(os.environ.get("RANK", "0")) != 0:  # one MLflow run per job
         return nullcontext(None)
-    from kcd.tracking import MlflowTracker, spec_hash, tracking_uri
+    from kcd.tracking import REQUIRED_ENV, MlflowTracker, spec_hash, tracking_uri
 
     cfg = _config(args) if not args.tracking_uri or getattr(args, "config", None) or getattr(
         args, "set", None) else {}
     uri = args.tracking_uri or tracking_uri(cfg.get("tracking", {}).get("uri"), cfg["results"])
     required = bool(cfg.get("tracking", {}).get("required", False))
-    env = os.environ.get("KCD_TRACKING_REQUIRED", "").strip().lower()
+    env = os.environ.get(REQUIRED_ENV, "").strip().lower()
     if env:
         required = env in ("1", "true", "yes", "on")
     return MlflowTracker(uri, experiment, run_name, params=params,

@@ -58,6 +58,33 @@ class Plans:
         self.figure1_cfg: dict = cfg.get("figure1") or {}
         self.detection: dict = cfg.get("detection") or {}
 
+    # ------------------------------------------------------------------ data
+
+    DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
+                    "imagenet": "imagenet", "coco": "coco"}  # kcd.data.demo's folders
+
+    @property
+    def demo_root(self) -> str:
+        return self.cfg.get("demo_data", {}).get("root", "resources/demo")
+
+    def data_input(self, ds: str) -> list[str]:
+        """What a job reading ``ds`` needs: the demo data's manifest (which makes the rule
+        that writes the demo data run first) when ``ds`` lies in the demo folder, else nothing
+        (a real dataset's root, checked to exist)."""
+        from pathlib import Path
+
+        entry = self.cfg.get("datasets", {}).get(ds)
+        if entry is None:
+            raise KcdError(f"dataset '{ds}' has no entry under datasets in the config; add "
+                           f"datasets.{ds}.root")
+        root, demo = Path(entry["root"]).resolve(), Path(self.demo_root).resolve()
+        if root == demo or demo in root.parents:
+            return [f"{self.demo_root}/{self.DEMO_FOLDERS[ds]}/.kcd-demo.json"]
+        if not root.is_dir():
+            raise KcdError(f"dataset root {entry['root']} (config key datasets.{ds}.root) "
+                           f"does not exist; point it at your {ds} copy")
+        return []
+
     # ------------------------------------------------------------------ training jobs
 
     def teachers(self, ds: str) -> set[str]:

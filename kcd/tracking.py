@@ -111,6 +111,16 @@ def _import_store(uri: str) -> None:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
+REQUIRED_ENV = "KCD_TRACKING_REQUIRED"
+"""``1``: a tracking failure fails the job (``tracking.required``); set by the workflow for the
+jobs it starts, which inherit its environment."""
+
+
+def require_for_jobs(tracking: dict) -> None:
+    """Pass the config's ``tracking.required`` to the jobs this process starts."""
+    os.environ[REQUIRED_ENV] = "1" if tracking.get("required") else "0"
+
+
 def ensure_store(uri: str) -> None:
     """Create or upgrade the tracking store's schema, once, under the store's lock (the
     workflow calls it before its jobs start; every tracker does the same at its start)."""

@@ -362,6 +362,27 @@ def start(timeout_s: float = READY_SECONDS) -> Worker | None:
     return None
 
 
+_STARTED: list[Worker] = []
+
+
+def start_for_workflow(launcher: dict) -> None:
+    """The workflow's onstart: with the local launcher (and ``launcher.warm``, the default),
+    start one warm worker and point this process's environment, which the launchers inherit,
+    at it."""
+    if launcher.get("kind", "local") == "local" and launcher.get("warm", True):
+        worker = start()
+        if worker is not None:
+            _STARTED.append(worker)
+            os.environ[ENV] = worker.path
+
+
+def stop_for_workflow() -> None:
+    """The workflow's onsuccess/onerror: stop the worker :func:`start_for_workflow` started."""
+    os.environ.pop(ENV, None)
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 def run(argv: list[str]) -> int:
     """``kcd argv`` for a light rule (a transform, a table): in a fork of the warm worker when
     one runs, else in this process. Its exit status."""

@@ -153,3 +153,17 @@ def test_each_distilled_pair_has_a_consistency_picture_of_its_kcd_transform(demo
                       "transform": "res/cifar100/transforms/resnet56-s0__resnet20-s0/"
                                    "bipartite-correlation.pt", "metric": "correlation"}
     assert demo.layout.heatmap(*pairs[0]) + ".png" in demo.gathered_parts()
+
+
+def test_data_inputs_are_the_demo_manifest_or_a_checked_root(tmp_path):
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["results"] = R
+    cfg["datasets"]["cifar10"] = {"root": str(tmp_path), "num_classes": 10}
+    cfg["datasets"]["imagenet"]["root"] = str(tmp_path / "missing")
+    plans = Plans(cfg)
+    assert plans.data_input("cifar100") == ["resources/demo/cifar-100-python/.kcd-demo.json"]
+    assert plans.data_input("cifar10") == []  # a real root that exists: nothing to build
+    with pytest.raises(KcdError, match="config key datasets.imagenet.root"):
+        plans.data_input("imagenet")
+    with pytest.raises(KcdError, match="add datasets.svhn.root"):
+        plans.data_input("svhn")

@@ -46,9 +46,9 @@ rule figure1:
         lambda w: P.spec_inputs(P.figure1_spec()),
         data=lambda w: data_input(config["figure1"]["dataset"]),
     output:
-        png=report(L.figure1 + ".png", caption="../report/figure1.rst", category="Figure 1",
+        png=report(f"{L.figure1}.png", caption="../report/figure1.rst", category="Figure 1",
                    labels={"figure": "1", "format": "png"}),
-        pdf=L.figure1 + ".pdf",
+        pdf=f"{L.figure1}.pdf",
     log:
         log_path("analysis", "figure1"),
     resources:
@@ -67,10 +67,10 @@ rule consistency_heatmap:
         stats=lambda w: P.heatmap_inputs(w.ds, w.teacher, w.student)["stats"],
         transform=lambda w: P.heatmap_inputs(w.ds, w.teacher, w.student)["transform"],
     output:
-        png=report(L.heatmap("{ds}", "{teacher}", "{student}") + ".png",
+        png=report(f"{L.heatmap('{ds}', '{teacher}', '{student}')}.png",
                    caption="../report/heatmap.rst", category="Consistency",
                    labels={"pair": "{teacher} -> {student}", "dataset": "{ds}"}),
-        csv=L.heatmap("{ds}", "{teacher}", "{student}") + ".csv",
+        csv=f"{L.heatmap('{ds}', '{teacher}', '{student}')}.csv",
     log:
         log_path("{ds}", "analysis", "heatmap-{teacher}__{student}"),
     resources:

@@ -1,22 +1,18 @@
 # Glue between Snakemake and kcd: the resolved config, wildcards, and the input functions that
 # call kcd/layout.py (every path) and kcd/plans.py (every spec and table plan).
 import json
-import os
 import shlex
 import sys
-from pathlib import Path
 from urllib.parse import urlencode
 
-
-from kcd.config import mark_results_scale, workflow_config
+from kcd.config import workflow_config
 from kcd.errors import KcdError
-from kcd import warm
-from kcd.launch import cancel_jobs_on_sigterm
 from kcd.layout import Layout
 from kcd.naming import LEARNED_FILE_WILDCARD, STATS_FILE_WILDCARD, WILDCARD as TRANSFORM_NAMES
 from kcd.plans import Plans
 from kcd.specs import runtime_text, split_runtime
-from kcd.tracking import ensure_store, tracking_uri
+from kcd.tracking import require_for_jobs, tracking_uri
+
 
 def fail(message):
     """Stop Snakemake with kcd's one-line error as its last line (an exception raised here
@@ -39,12 +35,14 @@ RESULTS = config["results"]
 SCALE = config["scale"]
 PY = sys.executable
 KCD = f"{shlex.quote(PY)} -m kcd.warm run --"  # light rules: `kcd ...`, warm when it can
-DEMO = config.get("demo_data", {}).get("root", "resources/demo")
-DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
-                "imagenet": "imagenet", "coco": "coco"}
 TRACKING_URI = tracking_uri(config.get("tracking", {}).get("uri"), RESULTS)
-# Jobs (and the warm worker's forks, SLURM jobs through sbatch) inherit the environment.
-os.environ["KCD_TRACKING_REQUIRED"] = "1" if config.get("tracking", {}).get("required") else "0"
+require_for_jobs(config.get("tracking", {}))  # tracking.required, for the jobs started here
+L = Layout(RESULTS)  # every path (kcd/layout.py)
+P = Plans(config, L)  # every job's spec and every table's plan (kcd/plans.py)
+# a distillation run's files: {ds}, {teacher}... stay wildcards, {file} is filled per output
+RUN_FILE = L.run_file("{{ds}}", "{{teacher}}", "{{tseed}}", "{{student}}", "{{method}}",
+                      "{{transform}}", "{{seed}}", "{file}")
+log_path = L.log
 
 # No wildcard may carry a path separator or a shell metacharacter.
 wildcard_constraints:
@@ -58,47 +56,8 @@ wildcard_constraints:
     transform=TRANSFORM_NAMES,
     tw=r"s\d+(-init)?",
     sw=r"s\d+(-init)?",
-    folder="|".join(DEMO_FOLDERS.values()),
+    folder="|".join(P.DEMO_FOLDERS.values()),
     n=r"\d+",
-
-
-def ensure_tracking_store():
-    """Create the MLflow store's schema once, before parallel jobs write to it."""
-    ensure_store(TRACKING_URI)
-
-
-def mark_results():
-    """Record the config's scale in the results folder (a later run at another scale is
-    refused before any job)."""
-    mark_results_scale(RESULTS, SCALE)
-
-
-_WARM = []
-
-
-def start_warm_worker():
-    """Local launcher: one warm worker whose forks run the jobs (kcd/warm.py)."""
-    launcher = config.get("launcher", {})
-    if launcher.get("kind", "local") == "local" and launcher.get("warm", True):
-        worker = warm.start()
-        if worker is not None:
-            _WARM.append(worker)
-            os.environ[warm.ENV] = worker.path
-
-
-def stop_warm_worker():
-    os.environ.pop(warm.ENV, None)
-    while _WARM:
-        _WARM.pop().stop()
-
-
-# --------------------------------------------------------------------------- glue
-
-L = Layout(RESULTS)  # every path (kcd/layout.py)
-P = Plans(config, L)  # every job's spec and every table's plan (kcd/plans.py)
-# a distillation run's files: {ds}, {teacher}... stay wildcards, {file} is filled per output
-RUN_FILE = L.run_file("{{ds}}", "{{teacher}}", "{{tseed}}", "{{student}}", "{{method}}",
-                      "{{transform}}", "{{seed}}", "{file}")
 
 
 def table_plan(n):
@@ -108,22 +67,12 @@ def table_plan(n):
         fail(str(e))
 
 
-log_path = L.log
-
-
 def data_input(ds):
     """The demo data's manifest (which triggers its generation), or a check of a real root."""
-    if ds not in config["datasets"]:
-        fail(f"dataset '{ds}' has no entry under datasets in the config; add "
-             f"datasets.{ds}.root")
-    root = Path(config["datasets"][ds]["root"]).resolve()
-    if root == Path(DEMO).resolve() or Path(DEMO).resolve() in root.parents:
-        return f"{DEMO}/{DEMO_FOLDERS[ds]}/.kcd-demo.json"
-    if not root.is_dir():
-        fail(f"dataset root {config['datasets'][ds]['root']} (config key datasets.{ds}.root) "
-             f"does not exist; point it at your {ds} copy")
-    return []
-
+    try:
+        return P.data_input(ds)
+    except KcdError as e:
+        fail(str(e))
 
 
 def launch(rule_name, name, ds=None):

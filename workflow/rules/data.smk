@@ -4,14 +4,14 @@
 # lint: no conda/container per rule; every rule runs in the one kcd environment
 rule demo_data:
     output:
-        f"{DEMO}/{{folder}}/.kcd-demo.json",
+        f"{P.demo_root}/{{folder}}/.kcd-demo.json",
     log:
         log_path("data", "demo-{folder}"),
     resources:
         kcd=KCD,
     params:
-        root=lambda w, output: str(Path(output[0]).parent.parent),
-        kind=lambda w: {v: k for k, v in DEMO_FOLDERS.items()}[w.folder],
+        root=lambda w, output: output[0].rsplit("/", 2)[0],  # <root>/<folder>/.kcd-demo.json
+        kind=lambda w: {v: k for k, v in P.DEMO_FOLDERS.items()}[w.folder],
         seed=config.get("demo_data", {}).get("seed", 0),
         size="--tiny" if config.get("demo_data", {}).get("size") == "tiny" else "",
     shell:
