@@ -66,6 +66,9 @@ def workspace(tmp_path_factory) -> Path:
                  "--out", str(ws / "w" / "resnet32.pt"), "-q"]) == 0
     assert main(["init", "--arch", "resnet18", "--seed", "0", "--num-classes", "3",
                  "--out", str(ws / "w" / "r18.pt"), "-q"]) == 0
+    assert main(["init", "-q", "--spec", json.dumps({
+        "dataset": "coco", "backbone": "resnet18", "num_classes": 4, "seed": 0,
+        "path": str(ws / "w" / "det18.pt"), "fpn_channels": 16, "representation_size": 32})]) == 0
     assert main(["statistics", *cfg, "--dataset", "cifar100", "--teacher", "resnet20",
                  "--teacher-weights", str(ws / "w" / "resnet20.pt"), "--student", "resnet20",
                  "--student-weights", str(ws / "w" / "resnet20.pt"),
@@ -195,12 +198,34 @@ def _imagefolder(ws: Path, layout: dict[str, dict[str, bytes]], name: str = "ima
             p.write_bytes(data)
 
 
-def _coco_json(ws: Path, content: str) -> None:
+def _coco(ws: Path, name: str, content: str | None) -> None:
+    """A copy of the tiny COCO folder whose training annotations are ``content`` (None: no
+    annotation file)."""
     import shutil
 
-    dst = ws / "bad" / "coco"
+    dst = ws / "bad" / name
     shutil.copytree(ws / "demo" / "coco", dst, dirs_exist_ok=True)
-    (dst / "annotations" / "instances_val2017.json").write_text(content)
+    ann = dst / "annotations" / "instances_train2017.json"
+    if content is None:
+        ann.unlink()
+    else:
+        ann.write_text(content)
+
+
+def _coco_with_bad_box(ws: Path) -> str:
+    ann = json.loads((ws / "demo" / "coco" / "annotations" / "instances_train2017.json")
+                     .read_text())
+    ann["annotations"][0]["bbox"] = [0, 0, -5, 10]
+    return json.dumps(ann)
+
+
+def _detector_statistics(ws: Path, root: str) -> list[str]:
+    det = str(ws / "w" / "det18.pt")
+    return ["statistics", "-q", "--spec", json.dumps({
+        "teacher": "resnet18", "teacher_weights": det, "student": "resnet18",
+        "student_weights": det, "data": {"name": "coco", "root": str(ws / "bad" / root)},
+        "num_classes": 4, "out": str(ws / "out" / "det-stats.pt"), "min_size": 64,
+        "max_size": 64, "batch_size": 2})]
 
 
 # --------------------------------------------------------------------------- the cases
@@ -369,6 +394,14 @@ DATA_CASES = [
         lambda ws: _imagefolder(ws, {"train": {f"n{i}/a.png": _png() for i in range(3)},
                                      "val": {**{f"n{i}/a.png": _png() for i in range(3)},
                                              "n1/broken.png": b"not a png"}}, "broken")),
+    Case("data-coco-annotations-missing", lambda ws: _detector_statistics(ws, "c1"),
+         "instances_train2017.json", lambda ws: _coco(ws, "c1", None)),
+    Case("data-coco-json-syntax", lambda ws: _detector_statistics(ws, "c2"),
+         "instances_train2017.json", lambda ws: _coco(ws, "c2", '{"images": [')),
+    Case("data-coco-json-foreign", lambda ws: _detector_statistics(ws, "c3"),
+         "instances_train2017.json", lambda ws: _coco(ws, "c3", '{"licenses": []}')),
+    Case("data-coco-box-outside-image", lambda ws: _detector_statistics(ws, "c4"),
+         "instances_train2017.json", lambda ws: _coco(ws, "c4", _coco_with_bad_box(ws))),
     Case("cli-detect-spec-missing-key", ["statistics", "--spec", json.dumps(
         {"data": {"name": "coco", "root": "x"}})], "teacher"),
 ]

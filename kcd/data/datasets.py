@@ -543,9 +543,12 @@ class CheckedCocoDetection(CocoDetection):
                     f"{ann_file}: annotation {ann.get('id')} refers to unknown image_id "
                     f"{ann.get('image_id')!r}"
                 )
-            if len(ann.get("bbox", ())) != 4:
+            box = ann.get("bbox", ())
+            if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box) \
+                    or box[2] < 0 or box[3] < 0:
                 raise KcdError(
-                    f"{ann_file}: annotation {ann.get('id')} needs a bbox [x, y, width, height]"
+                    f"{ann_file}: annotation {ann.get('id')} needs a bbox [x, y, width, height] "
+                    f"of numbers with width, height >= 0, got {box!r}; fix or drop it"
                 )
         on_disk = set(os.listdir(root)) if root.is_dir() else set()
         for image in self.coco.dataset["images"]:
@@ -562,10 +565,12 @@ def coco_target_to_tensors(
     """Convert COCO annotations of one image into a torchvision detection target.
 
     Returns ``boxes`` (float, ``[x0, y0, x1, y1]``), ``labels`` (long, the COCO ``category_id``:
-    0 stays free for the background) and ``image_id``. Crowd regions are left out, as is usual
-    for training.
+    0 stays free for the background) and ``image_id``. Crowd regions and boxes of zero width or
+    height are left out, as is usual for training.
     """
-    kept = [a for a in annotations if not a.get("iscrowd", 0)]
+    # as torchvision's COCO reference: no crowd regions, no boxes without area
+    kept = [a for a in annotations if not a.get("iscrowd", 0)
+            and a["bbox"][2] > 0 and a["bbox"][3] > 0]
     boxes = torch.tensor([a["bbox"] for a in kept], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     return {
