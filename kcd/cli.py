@@ -144,9 +144,8 @@ def _train(args: argparse.Namespace, spec) -> None:
         result = train(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / RESULT)
-            for path in (spec.distill.transforms if spec.distill else []):
-                if path:
-                    tracker.log_artifact(path)
+            _log_run_files(tracker, args, spec,
+                           [p for p in (spec.distill.transforms if spec.distill else []) if p])
     if result:
         extra = ""
         if result.get("teacher_kl") is not None:
@@ -154,6 +153,38 @@ def _train(args: argparse.Namespace, spec) -> None:
         _summary(f"{_run_name(spec.tags)}: top-1 {result['top1']:.2f}% top-5 "
                  f"{result['top5']:.2f}%{extra} after {result['iterations']} iterations "
                  f"({result['train_seconds']:.0f} s) -> {spec.out_dir}")
+
+
+def _log_run_files(tracker, args: argparse.Namespace, spec, transforms: list[str]) -> None:
+    """Artifacts worth opening beside a run's result: its resolved spec, each transform as a
+    table (the teacher channel each student channel receives) and, when the workflow names
+    it, the job's log so far."""
+    import csv
+    import io
+    import tempfile
+
+    from kcd.specs import to_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spec.json").write_text(json.dumps(to_dict(spec), indent=1, default=str))
+        tracker.log_artifact(Path(tmp) / "spec.json")
+        for i, path in enumerate(transforms):
+            from kcd.analysis.heatmap import channel_map
+            from kcd.transforms import load_transform
+
+            index = channel_map(load_transform(path))
+            if index is None:  # a learned transform: no channel map to list
+                continue
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            writer.writerow(["student_channel", "teacher_channel"])
+            writer.writerows(enumerate(index.tolist()))
+            name = f"transform{i if len(transforms) > 1 else ''}.csv"
+            (Path(tmp) / name).write_text(text.getvalue())
+            tracker.log_artifact(Path(tmp) / name)
+            tracker.log_artifact(path)
+    if getattr(args, "job_log", None):
+        tracker.log_artifact(args.job_log)
 
 
 # --------------------------------------------------------------------------- commands
@@ -545,6 +576,8 @@ def _train_detector(args: argparse.Namespace) -> None:
         result = train_detector(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / "result.json")
+            _log_run_files(tracker, args, spec, [spec.distill.transform]
+                           if spec.distill and spec.distill.transform else [])
     _summary(f"{_run_name(spec.tags)}: AP {result['AP']:.2f} AP50 {result['AP50']:.2f} -> "
              f"{spec.out_dir}")
 
@@ -603,6 +636,8 @@ def _tracked(p: argparse.ArgumentParser) -> None:
     _runtime_flag(p)
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: config / environment)")
+    p.add_argument("--job-log", help="the job's log file, logged to MLflow at the end (the "
+                                     "workflow passes its log)")
     p.add_argument("--tags", help="more MLflow tags as a URL query string, e.g. "
                                   "table=7%%2C8&row=KD (the workflow passes the tables and rows "
                                   "a run fills)")

@@ -81,7 +81,7 @@ from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
-from kcd.run import FINAL, RunTask, Tracker, divergence_advice, finite_total, run
+from kcd.run import FINAL, FiniteGuard, RunTask, Tracker, divergence_advice, run
 from kcd.models import DETECTOR_BACKBONES as BACKBONES
 from kcd.specs import (
     ANCHOR_SIZES,
@@ -539,6 +539,8 @@ class _DetectionRun(RunTask):
     def __init__(self, spec: DetectionSpec, progress: bool) -> None:
         self.spec, self.progress = spec, progress
         r = self.recipe = spec.recipe
+        self.guard = FiniteGuard(divergence_advice(spec.data.name, spec.backbone, None)
+                                 + " or the distillation weight (detection.weight)")
         _check_recipe(r)
         self.device = _device()
         dataset = _dataset(spec.data, TRAIN_SPLIT)
@@ -576,8 +578,7 @@ class _DetectionRun(RunTask):
         terms = self.model(images, targets)  # the detector's four losses
         if self.distill is not None:
             terms.update(self.distill.terms())
-        total = finite_total(terms, step, divergence_advice(spec.data.name, spec.backbone, None)
-                             + " or the distillation weight (detection.weight)")
+        total = self.guard.total(terms, step)  # checked by the run loop, no sync per step
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if r.grad_clip:

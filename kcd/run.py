@@ -21,6 +21,7 @@ checkpoints and the result.
 from __future__ import annotations
 
 import abc
+import math
 import sys
 import time
 from pathlib import Path
@@ -80,6 +81,48 @@ def finite_total(terms: Mapping[str, Tensor], iteration: int, advice: str) -> Te
     return total
 
 
+class FiniteGuard:
+    """NaN/inf watch on the loss without a host synchronisation per step.
+
+    :meth:`total` sums a step's terms and records, on their device, the first iteration whose
+    total is not finite and which terms were not; :meth:`check` reads that back once and raises
+    :class:`KcdError` naming the term, its value, the iteration and ``advice``. The run loop
+    checks at every logging step, before every checkpoint and at the end, so no checkpoint or
+    result is written after a non-finite loss.
+    """
+
+    def __init__(self, advice: str) -> None:
+        self.advice = advice
+        self._first: Tensor | None = None  # the first bad iteration, -1 while none
+        self._names: list[str] = []
+        self._values: Tensor | None = None  # the terms' values at that iteration
+
+    def total(self, terms: Mapping[str, Tensor], iteration: int) -> Tensor:
+        total = sum(terms.values())
+        names = list(terms)
+        if self._first is None or names != self._names:  # first step, or another stage
+            self.check()
+            self._names = names
+            self._first = torch.full((), -1, dtype=torch.long, device=total.device)
+            self._values = torch.zeros(len(names) + 1, device=total.device)
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]
+                             + [total.detach().float().reshape(())])
+        new = ~torch.isfinite(values[-1]) & (self._first < 0)
+        self._first = torch.where(new, torch.full_like(self._first, iteration), self._first)
+        self._values = torch.where(new, values, self._values)
+        return total
+
+    def check(self) -> None:
+        """Raise if a recorded total was not finite (one host synchronisation)."""
+        if self._first is None or int(self._first) < 0:
+            return
+        values = self._values.tolist()
+        bad = [(n, v) for n, v in zip(self._names, values) if not math.isfinite(v)]
+        name, value = bad[0] if bad else ("total", values[-1])
+        raise KcdError(f"loss term '{name}' is {value} at iteration {int(self._first)}; lower the "
+                       f"learning rate or {self.advice}")
+
+
 def divergence_advice(dataset: str, arch: str, method: str | None) -> str:
     """What to lower when a run diverges, as config keys: the recipe's learning rate (its
     ``default`` or the architecture's entry) and the method's weight."""
@@ -98,7 +141,9 @@ class RunTask(abc.ABC):
     - ``iterations``: the main stage's iterations, the step the evaluation is logged at;
     - ``description``: the progress bar's label;
     - ``rank``: the process's rank (0 without torch.distributed); only rank 0 logs, writes
-      checkpoints and finishes with a result.
+      checkpoints and finishes with a result;
+    - ``guard`` (optional): a :class:`FiniteGuard` whose ``total`` the step sums its loss with;
+      the loop checks it at logging steps, before checkpoints and at the end.
     """
 
     steps: int
@@ -143,6 +188,12 @@ class RunTask(abc.ABC):
         return {f"result.{k}": result[k] for k in RESULT_PARAMS if k in result}
 
 
+def _check(task: RunTask) -> None:
+    guard = getattr(task, "guard", None)
+    if guard is not None:
+        guard.check()
+
+
 def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool = True) -> dict:
     """Run (or resume) ``task`` for ``spec`` (a :class:`~kcd.specs.TrainSpec` or
     :class:`~kcd.specs.DetectionSpec`: its ``recipe`` and ``out_dir``); return its result, also
@@ -182,6 +233,7 @@ def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool
                 logged[name] = logged.get(name, 0.0) + v
             n_logged += 1
             if n_logged >= r.log_every or step == task.steps:
+                _check(task)
                 metrics = {f"train/{name}": float(v) / n_logged for name, v in logged.items()}
                 metrics["train/lr"] = task.lr
                 if leader:
@@ -189,12 +241,14 @@ def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool
                 bar.set_postfix(loss=f"{float(sum(logged.values())) / n_logged:.3f}")
                 logged, n_logged = {}, 0
             if leader and step % every == 0 and step < task.steps:
+                _check(task)
                 atomic_save({"spec_hash": spec_hash, "step": step, **task.state_dict(),
                              "rng": rng_state()}, ckpt_path)
     finally:
         if bar is not None:
             bar.close()
         task.close()
+    _check(task)
     result = task.finish(time.time() - started)
     if result is None:
         return {}

@@ -52,8 +52,8 @@ from kcd.run import (
     RESULT,
     RunTask,
     Tracker,
+    FiniteGuard,
     divergence_advice,
-    finite_total,
     run,
 )
 
@@ -284,9 +284,9 @@ class _Classification(RunTask):
 
     def __init__(self, spec: TrainSpec, progress: bool) -> None:
         self.spec = spec
-        self.advice = divergence_advice(
+        self.guard = FiniteGuard(divergence_advice(
             spec.data.name, spec.arch,
-            spec.distill.method if spec.distill and spec.distill.method != BASELINE else None)
+            spec.distill.method if spec.distill and spec.distill.method != BASELINE else None))
         self.progress = progress
         self.out = Path(spec.out_dir)
         r = self.recipe = spec.recipe
@@ -369,7 +369,7 @@ class _Classification(RunTask):
         for i in range(m):
             xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
             got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it)
-            loss = finite_total(got, it, self.advice)
+            loss = self.guard.total(got, it)  # checked by the run loop, no sync per step
             (loss / m).backward()
             for name, v in got.items():
                 terms[name] = terms.get(name, 0.0) + v.detach() / m

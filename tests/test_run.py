@@ -110,3 +110,65 @@ def test_finite_total_names_the_term_and_the_iteration():
     with pytest.raises(KcdError, match=r"loss term 'b' is inf at iteration 4; lower the "
                                        r"learning rate or the weight"):
         finite_total({"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))}, 4, "the weight")
+
+
+def test_the_finite_guard_reports_the_first_bad_step_and_term_without_syncing_each_step():
+    from kcd.run import FiniteGuard
+
+    guard = FiniteGuard("the weight")
+    syncs = []
+    real_int, real_tolist = torch.Tensor.__int__, torch.Tensor.tolist
+
+    def counting(fn):
+        def wrapped(self, *a, **k):
+            syncs.append(fn.__name__)
+            return fn(self, *a, **k)
+        return wrapped
+
+    torch.Tensor.__int__, torch.Tensor.tolist = counting(real_int), counting(real_tolist)
+    try:
+        for it in range(6):
+            bad = float("nan") if it in (3, 4) else 1.0
+            total = guard.total({"ce": torch.tensor(1.0), "kd": torch.tensor(bad)}, it)
+            assert total.dim() == 0
+        assert syncs == []  # nothing read back while stepping
+        with pytest.raises(KcdError, match=r"loss term 'kd' is nan at iteration 3; lower the "
+                                           r"learning rate or the weight"):
+            guard.check()
+    finally:
+        torch.Tensor.__int__, torch.Tensor.tolist = real_int, real_tolist
+    assert FiniteGuard("x").check() is None  # nothing recorded: nothing to report
+
+
+def test_a_step_reads_nothing_back_between_logging_steps(tmp_path, monkeypatch):
+    """The classification step of a real distillation: between the loop's logging steps no
+    tensor is read back to the host (.item(), float(), bool(), int(), .tolist(), .cpu())."""
+    from kcd.data.demo import DemoSizes, write_demo_data
+    from kcd.specs import DistillSpec
+    from kcd.train import _Classification, init_weights
+
+    write_demo_data(tmp_path / "demo", kinds=("cifar100",), sizes=DemoSizes.tiny(),
+                    progress=False)
+    init_weights("resnet20", 0, 100, tmp_path / "t.pt")
+    init_weights("resnet20", 1, 100, tmp_path / "s.pt")
+    data = DataSpec("cifar100", str(tmp_path / "demo"))
+    spec = TrainSpec(arch="resnet20", seed=0, num_classes=100, theta0=str(tmp_path / "s.pt"),
+                     out_dir=str(tmp_path / "run"), data=data,
+                     recipe=Recipe(iterations=4, batch_size=8, lr=0.01, log_every=100),
+                     distill=DistillSpec(method="fitnets", teacher="resnet20",
+                                         teacher_weights=str(tmp_path / "t.pt")))
+    task = _Classification(spec, progress=False)
+    task.step(0)  # the first step builds what it keeps (taps, optimizers)
+    reads = []
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    for step in (1, 2, 3):
+        task.step(step)
+    monkeypatch.undo()
+    task.close()
+    assert reads == []

@@ -94,6 +94,11 @@ def test_every_run_is_in_mlflow(built):
     assert fit.data.params["row"] == "Ours + FitNets"
     assert "eval.top1" in fit.data.metrics and "train.ce" in fit.data.metrics
     assert fit.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(fit.info.run_id)}
+    assert {"result.json", "spec.json", "transform.csv", "bipartite-correlation.pt",
+            "s0.log"} <= files, files
+    table = client.download_artifacts(fit.info.run_id, "transform.csv", str(built / "dl"))
+    assert open(table).readline().strip() == "student_channel,teacher_channel"
     # 2 pretrainings + 4 distillations (Baseline is the student's pre-training), and the
     # pair's consistency picture with its transform as a table
     training = [r for r in runs if r.data.tags.get("method") != "transform"]

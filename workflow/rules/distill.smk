@@ -24,5 +24,5 @@ rule distill:
         spec=result_fields(lambda w: P.distill_spec(*run_wildcards(w))),
     shell:
         "{resources.launch} distill --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} --job-log {log:q} "
         "> {log:q} 2>&1"

@@ -23,5 +23,5 @@ rule pretrain:
         spec=result_fields(lambda w: P.pretrain_spec(w.ds, w.arch, w.seed)),
     shell:
         "{resources.launch} pretrain --spec {params.spec:q} --runtime {resources.run_options:q} "
-        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} "
+        "--tracking-uri {resources.tracking:q} --tags {resources.tags:q} --job-log {log:q} "
         "> {log:q} 2>&1"
