@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-demo
+.PHONY: install demo test test-slow bench clean-demo
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,10 @@ demo: install
 	$(BIN)/snakemake --cores $(CORES) results/tables.md
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install  # the end-to-end DAGs, SLURM, MLflow server, multi-process (.ci/run runs them)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/bench_statistics.py

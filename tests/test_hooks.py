@@ -196,7 +196,8 @@ def test_a_new_method_with_its_own_stage_and_warm_up_needs_no_change_to_train(
     from tests.conftest import tiny_config
 
     monkeypatch.setitem(LOSSES._items, "warm_kd", MethodSpec(
-        "warm_kd", f"{__name__}:WarmUpKD", 4.0, "KD with a warm-up (test)", ("warmup",)))
+        "warm_kd", f"{__name__}:WarmUpKD", 4.0, "KD with a warm-up (test)", ("warmup",),
+        label="WarmKD", features=False))
     cfg = tiny_config(demo_root, tmp_path / "results", log_every=1, checkpoint_every=2)
     init_weights("resnet20_0.5x", 0, 100, tmp_path / "student.pt")
     init_weights("resnet20", 1, 100, tmp_path / "teacher.pt")

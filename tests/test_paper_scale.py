@@ -29,7 +29,6 @@ import yaml
 from kcd.dryrun import RESOLVED_CONFIG_ENV, Job, parse_dry_run
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 # ----------------------------------------------------------------- Section 4.1, as written
 CIFAR = {"iterations": 64000, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
