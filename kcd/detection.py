@@ -567,7 +567,7 @@ class _DetectionRun(RunTask):
         self.description = f"{spec.backbone} {spec.tags.get('method', '')}".strip()
         model.train()
 
-    def step(self, step: int) -> dict[str, float]:
+    def step(self, step: int) -> dict[str, torch.Tensor]:
         r, spec = self.recipe, self.spec
         if self._batches is None:  # the batches of iterations step .. iterations - 1
             plan = _train_plan(len(self.items), r.batch_size, spec.seed, step, r.iterations)
@@ -585,7 +585,7 @@ class _DetectionRun(RunTask):
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], r.grad_clip)
         self.optimizer.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}  # read back at log time only
 
     @property
     def lr(self) -> float:

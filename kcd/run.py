@@ -67,20 +67,6 @@ def checkpoint_every(recipe: Recipe) -> int:
     return recipe.checkpoint_every or max(1, recipe.iterations // 10)
 
 
-def finite_total(terms: Mapping[str, Tensor], iteration: int, advice: str) -> Tensor:
-    """The sum of the loss ``terms``, or :class:`KcdError` naming the first term that is NaN or
-    infinite, its value and ``iteration``, with ``advice`` on what to lower besides the
-    learning rate (e.g. "the method's weight"; :func:`divergence_advice` names the config
-    keys)."""
-    total = sum(terms.values())
-    if not torch.isfinite(total):
-        bad = [name for name, v in terms.items() if not torch.isfinite(v)] or ["total"]
-        value = terms.get(bad[0], total).item()
-        raise KcdError(f"loss term '{bad[0]}' is {value} at iteration {iteration}; lower the "
-                       f"learning rate or {advice}")
-    return total
-
-
 class FiniteGuard:
     """NaN/inf watch on the loss without a host synchronisation per step.
 

@@ -129,11 +129,12 @@ def _torch_file(name: str, make: Callable[[Path], object]) -> Callable[[Path], N
     return prepare
 
 
-def _stats_changed(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+def _changed(src: str, name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A copy of the workspace's file ``src`` (statistics or transform) with ``change`` made."""
     def make(ws: Path):
         import torch
 
-        payload = torch.load(ws / "s" / "stats.pt", weights_only=True)
+        payload = torch.load(ws / src, weights_only=True)
         change(payload)
         return payload
     return _torch_file(name, make)
@@ -152,16 +153,6 @@ def _nan_first(payload: dict) -> None:
         return False
 
     assert walk(payload)
-
-
-def _transform_changed(name: str, change: Callable[[dict], None]) -> Callable[[Path], None]:
-    def make(ws: Path):
-        import torch
-
-        payload = torch.load(ws / "s" / "t.pt", weights_only=True)
-        change(payload)
-        return payload
-    return _torch_file(name, make)
 
 
 class _Evil:
@@ -424,9 +415,9 @@ FILE_CASES = [
     Case("file-stats-foreign", lambda ws: _transform(ws, str(ws / "w" / "resnet20.pt")),
          "resnet20.pt"),
     Case("file-stats-nan", lambda ws: _transform(ws, str(ws / "bad" / "nan.pt")), "nan.pt",
-         _stats_changed("nan.pt", _nan_first)),
+         _changed("s/stats.pt", "nan.pt", _nan_first)),
     Case("file-stats-wrong-shape", lambda ws: _transform(ws, str(ws / "bad" / "shape.pt")),
-         "shape.pt", _stats_changed("shape.pt", lambda p: p["global"].update(
+         "shape.pt", _changed("s/stats.pt", "shape.pt", lambda p: p["global"].update(
              c_t=p["global"]["c_t"] + 3))),
     Case("file-transform-truncated", lambda ws: _evaluate(
         ws, "--teacher", "resnet20", "--teacher-weights", str(ws / "w" / "resnet20.pt"),
@@ -437,7 +428,7 @@ FILE_CASES = [
     Case("file-transform-bad-index", lambda ws: _evaluate(
         ws, "--teacher", "resnet20", "--teacher-weights", str(ws / "w" / "resnet20.pt"),
         "--transform", str(ws / "bad" / "tidx.pt")), "tidx.pt",
-        _transform_changed("tidx.pt", lambda p: p["index"].add_(1000))),
+        _changed("s/t.pt", "tidx.pt", lambda p: p["index"].add_(1000))),
     Case("file-transform-other-pair", lambda ws: _evaluate(
         ws, "--teacher", "resnet32", "--teacher-weights", str(ws / "w" / "resnet32.pt"),
         "--transform", str(ws / "s" / "t.pt")), "t.pt"),

@@ -11,15 +11,18 @@ import torch
 
 from kcd.checkpoint import load_file
 from kcd.errors import KcdError
-from kcd.run import CHECKPOINT, RESULT, RunTask, checkpoint_every, finite_total, run
+from kcd.run import CHECKPOINT, RESULT, FiniteGuard, RunTask, checkpoint_every, run
 from kcd.specs import DataSpec, Recipe, TrainSpec
 
 
 class Toy(RunTask):
     """Linear regression on batches drawn from the global RNG (so resuming must restore it)."""
 
-    def __init__(self, spec: TrainSpec, fail_at: int | None = None) -> None:
+    def __init__(self, spec: TrainSpec, fail_at: int | None = None,
+                 nan_at: int | None = None) -> None:
         torch.manual_seed(spec.seed)
+        self.guard = FiniteGuard("the weight")
+        self.nan_at = nan_at
         self.w = torch.zeros(3, requires_grad=True)
         self.opt = torch.optim.SGD([self.w], lr=spec.recipe.lr, momentum=0.9)
         self.steps = self.iterations = spec.recipe.iterations
@@ -31,9 +34,11 @@ class Toy(RunTask):
             raise KeyboardInterrupt("killed")
         x = torch.randn(8, 3)
         loss = ((x @ self.w - x.sum(1)) ** 2).mean()
+        if step == self.nan_at:
+            loss = loss * float("inf")
         terms = {"mse": loss}
         self.opt.zero_grad()
-        finite_total(terms, step, "nothing").backward()
+        self.guard.total(terms, step).backward()
         self.opt.step()
         return {"mse": loss.detach(), "half": 0.5}
 
@@ -104,12 +109,16 @@ def test_an_interrupted_run_resumes_to_the_same_end(tmp_path):
     assert run(runtime_only, Toy(runtime_only), progress=False)["w"] == reference["w"]
 
 
-def test_finite_total_names_the_term_and_the_iteration():
-    ok = {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}
-    assert finite_total(ok, 0, "x").item() == 3.0
-    with pytest.raises(KcdError, match=r"loss term 'b' is inf at iteration 4; lower the "
-                                       r"learning rate or the weight"):
-        finite_total({"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))}, 4, "the weight")
+def test_a_non_finite_loss_stops_the_run_before_its_next_checkpoint(tmp_path):
+    """The loop reads the guard back at logging steps and before each checkpoint: the run stops
+    at the first of them after the bad step, naming the term and the iteration, and no
+    checkpoint or result holds the bad weights."""
+    spec = _spec(tmp_path, "nan", checkpoint_every=3)  # steps 3 and 6 would checkpoint
+    with pytest.raises(KcdError, match=r"loss term 'mse' is (inf|nan) at iteration 2; lower "
+                                       r"the learning rate or the weight"):
+        run(spec, Toy(spec, nan_at=2), progress=False)
+    assert not (tmp_path / "nan" / CHECKPOINT).exists()
+    assert not (tmp_path / "nan" / RESULT).exists()
 
 
 def test_the_finite_guard_reports_the_first_bad_step_and_term_without_syncing_each_step():
