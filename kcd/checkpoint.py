@@ -134,6 +134,20 @@ def load_model_weights(path: str | os.PathLike, arch: str, what: str = "weights"
     return obj
 
 
+def load_model(arch: str, path: str | os.PathLike, num_classes: int, what: str):
+    """Build ``arch`` and load a kcd model file into it, checking architecture and classes."""
+    from kcd.models import build_model
+
+    obj = load_model_weights(path, arch, what)
+    if obj.get("num_classes", num_classes) != num_classes:
+        raise KcdError(
+            f"{what} {path} has {obj['num_classes']} classes but the dataset has {num_classes}"
+        )
+    model = build_model(arch, num_classes)
+    model.load_state_dict(obj["state_dict"])
+    return model
+
+
 def rng_state() -> dict:
     """Every RNG state a training process uses (torch CPU/CUDA, numpy, python)."""
     import numpy as np

@@ -317,6 +317,31 @@ def cmd_statistics(args: argparse.Namespace) -> None:
              f"-> {spec.out}")
 
 
+def cmd_decode(args: argparse.Namespace) -> None:
+    from kcd.data.decoded import decode
+    from kcd.specs import DataSpec, from_dict
+
+    spec = _json_arg(args.spec, "--spec")
+    unknown = sorted(set(spec) - {"data", "split", "out"})
+    if unknown or not all(k in spec for k in ("data", "split", "out")):
+        raise KcdError("--spec of `kcd decode` needs exactly the keys data, split and out"
+                       + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    data = from_dict(DataSpec, spec["data"], "data")
+    out = decode(data, str(spec["split"]), spec["out"], progress=not args.quiet)
+    _summary(f"decoded the {spec['split']} split of {data.name} in {data.root} -> {out}")
+
+
+def cmd_teacher_outputs(args: argparse.Namespace) -> None:
+    from kcd.specs import TeacherOutputsSpec, from_dict
+    from kcd.teacher_outputs import compute
+
+    spec = from_dict(TeacherOutputsSpec, _spec_arg(args))
+    out = compute(spec.teacher, spec.teacher_weights, spec.num_classes, spec.data, spec.split,
+                  spec.layers, spec.out, batch_size=spec.batch_size, progress=not args.quiet)
+    _summary(f"{spec.teacher} on the {spec.split} split of {spec.data.name} "
+             f"(logits{''.join(', ' + layer for layer in spec.layers)}) -> {out}")
+
+
 def cmd_transform(args: argparse.Namespace) -> None:
     from kcd.statistics import learn_transform, make_transform
     from kcd.transforms import LEARNED_KINDS
@@ -365,7 +390,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kcd.config import data_spec, num_classes
     from kcd.data.streams import eval_batches
     from kcd.evaluate import evaluate
-    from kcd.train import load_model
+    from kcd.checkpoint import load_model
     from kcd.transforms import check_transform, load_transform
 
     from kcd.data.datasets import check_num_classes
@@ -701,6 +726,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--out")
     _tracked(p)
+
+    p = add("decode", cmd_decode, "decode one split of an image-folder dataset once into a "
+                                  "tensor file", config=False)
+    p.add_argument("--spec", required=True, help="the job as JSON (text or file): {data, "
+                                                  "split, out}, as the workflow passes it")
+
+    p = add("teacher-outputs", cmd_teacher_outputs, "a teacher's logits and features on one "
+                                                    "split, computed once for all its runs",
+            config=False)
+    p.add_argument("--spec", required=True, help="the job as JSON (text or file), as the "
+                                                  "workflow passes it")
+    _runtime_flag(p)
 
     for name, fn, text in (
         ("statistics", cmd_statistics, "accumulate consistency statistics of a teacher/student "

@@ -81,7 +81,7 @@ from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
-from kcd.run import FINAL, FiniteGuard, RunTask, Tracker, divergence_advice, run
+from kcd.run import FINAL, FiniteGuard, Phases, RunTask, Tracker, divergence_advice, run
 from kcd.models import DETECTOR_BACKBONES as BACKBONES
 from kcd.specs import (
     ANCHOR_SIZES,
@@ -530,7 +530,10 @@ def _lr(spec: DetectionSpec, step: int) -> float:
 def train_detector(spec: DetectionSpec, tracker: Tracker | None = None, progress: bool = True
                    ) -> dict:
     """Run (or resume) one detection job and return its result (also in ``result.json``)."""
-    return run(spec, _DetectionRun(spec, progress), tracker, progress)
+    phases = Phases()
+    with phases("setup"):  # detectors, teacher, data
+        task = _DetectionRun(spec, progress)
+    return run(spec, task, tracker, progress, phases)
 
 
 class _DetectionRun(RunTask):
@@ -612,12 +615,15 @@ class _DetectionRun(RunTask):
     def finish(self, train_seconds: float) -> dict:
         """Write ``final.pt`` and evaluate; the run loop writes ``result.json``."""
         spec, model = self.spec, self.model
-        _save_detector(model, Path(spec.out_dir) / FINAL, backbone=spec.backbone, seed=spec.seed,
-                       num_classes=spec.num_classes, fpn_channels=model.backbone.out_channels,
-                       representation_size=model.roi_heads.box_head.fc7.out_features,
-                       iterations=spec.recipe.iterations)
-        result = evaluate_detector(model, spec.data, batch_size=spec.recipe.eval_batch_size,
-                                   progress=self.progress)
+        with self.phases("save"):
+            _save_detector(model, Path(spec.out_dir) / FINAL, backbone=spec.backbone,
+                           seed=spec.seed, num_classes=spec.num_classes,
+                           fpn_channels=model.backbone.out_channels,
+                           representation_size=model.roi_heads.box_head.fc7.out_features,
+                           iterations=spec.recipe.iterations)
+        with self.phases("evaluate"):
+            result = evaluate_detector(model, spec.data, batch_size=spec.recipe.eval_batch_size,
+                                       progress=self.progress)
         result.update(iterations=spec.recipe.iterations, train_seconds=round(train_seconds, 2),
                       backbone=spec.backbone, seed=spec.seed, tags=spec.tags, spec=to_dict(spec))
         return result

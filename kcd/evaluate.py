@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from kcd.errors import KcdError
 from kcd.features import FeatureTap
+from kcd.teacher_outputs import TeacherOutputs
 
 
 @torch.no_grad()
@@ -27,6 +28,7 @@ def evaluate(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     teacher: nn.Module | None = None,
+    teacher_outputs: TeacherOutputs | None = None,
     layers: Sequence[tuple[str, str]] = (),
     transforms: Sequence[nn.Module | None] = (),
     device: torch.device | str = "cpu",
@@ -36,14 +38,17 @@ def evaluate(
     """Evaluate ``student`` (and its distance to ``teacher`` at ``layers``) on ``batches``.
 
     ``layers`` holds (teacher layer, student layer) specs; ``transforms`` the transform of
-    each pair (or None). Only the first pair enters ``feature_l2``.
+    each pair (or None). Only the first pair enters ``feature_l2``. ``teacher_outputs``: the
+    teacher's answers to ``batches`` (in their order), computed once
+    (:mod:`kcd.teacher_outputs`), instead of running ``teacher``.
     """
     was_training = student.training
     student.eval()
     s_tap = t_tap = None
     if teacher is not None and layers:
         s_tap = FeatureTap(student, [layers[0][1]])
-        t_tap = FeatureTap(teacher, [layers[0][0]])
+        if teacher_outputs is None:
+            t_tap = FeatureTap(teacher, [layers[0][0]])
     transform = transforms[0] if transforms else None
     n = correct1 = correct5 = 0
     loss_sum = kl_sum = l2_sum = 0.0
@@ -62,7 +67,17 @@ def evaluate(
             correct5 += hit.any(dim=1).sum().item()
             n += y.numel()
             if teacher is not None:
-                t_logits = teacher(x)
+                if teacher_outputs is not None:
+                    if n > len(teacher_outputs):
+                        raise KcdError(f"the cached teacher outputs hold "
+                                       f"{len(teacher_outputs)} images, the evaluation split "
+                                       "more; rebuild them (rule teacher_outputs)")
+                    index = torch.arange(n - y.numel(), n, device=teacher_outputs.logits.device)
+                    t_logits, cached_features = teacher_outputs.take(
+                        index, [layers[0][0]] if layers else [])
+                    t_logits = t_logits.to(logits.device)
+                else:
+                    t_logits = teacher(x)
                 kl = F.kl_div(
                     F.log_softmax(logits, 1), F.log_softmax(t_logits, 1),
                     reduction="sum", log_target=True,
@@ -70,7 +85,8 @@ def evaluate(
                 kl_sum += kl.item()
                 if s_tap is not None and l2_defined:
                     fs = s_tap.features[layers[0][1]].float()
-                    ft = t_tap.features[layers[0][0]].float()
+                    ft = (t_tap.features[layers[0][0]] if t_tap is not None
+                          else cached_features[0].to(fs.device)).float()
                     if transform is not None:
                         ft = transform(ft, y)
                     if ft.shape != fs.shape:
@@ -84,6 +100,9 @@ def evaluate(
         student.train(was_training)
     if n == 0:
         raise KcdError("the evaluation split is empty; check the dataset root")
+    if teacher is not None and teacher_outputs is not None and n != len(teacher_outputs):
+        raise KcdError(f"the cached teacher outputs hold {len(teacher_outputs)} images, the "
+                       f"evaluation split {n}; rebuild them (rule teacher_outputs)")
     result = {
         "top1": 100.0 * correct1 / n,
         "top5": 100.0 * correct5 / n,

@@ -5,6 +5,8 @@
     <results>/<ds>/init/<arch>-s<seed>.pt                          theta0
     <results>/<ds>/models/<arch>-s<seed>/{final.pt,result.json}    pre-training (teachers, Baselines)
     <results>/<ds>/models/<arch>-s<seed>/anchors/iter-<i>.pt       RCO's teacher anchors
+    <results>/<ds>/data/<split>.pt                                 a split decoded once (image folders)
+    <results>/<ds>/teachers/<T>-s<seed>/<split>.pt                a teacher's outputs on a split
     <results>/<ds>/stats/<T>-<tw>__<S>-<sw>.pt                     statistics of a pair
     <results>/<ds>/transforms/<T>-<tw>__<S>-<sw>/<name>.pt         its transforms
     <results>/<ds>/runs/<T>-s<tseed>__<S>/<method>/<transform>/s<seed>/   distillation runs
@@ -62,6 +64,14 @@ class Layout:
         """The weights a tag names: the trained model, or theta0 for ``s<seed>-init``."""
         seed = tag[1:].removesuffix("-init")
         return self.theta0(ds, arch, seed) if tag.endswith("-init") else self.final(ds, arch, seed)
+
+    def decoded(self, ds: str) -> str:
+        """The folder of a dataset's decoded splits (``<split>.pt``)."""
+        return f"{self.results}/{ds}/data"
+
+    def teacher_outputs(self, ds: str, teacher: str, seed: object, split: str) -> str:
+        """A teacher's logits and features on a split, computed once for all its runs."""
+        return f"{self.results}/{ds}/teachers/{teacher}-s{seed}/{split}.pt"
 
     def stats(self, ds: str, teacher: str, tw: str, student: str, sw: str) -> str:
         return f"{self.results}/{ds}/stats/{self.pair_name(teacher, tw, student, sw)}.pt"

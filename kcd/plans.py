@@ -18,15 +18,18 @@ from kcd.config import (
     detection_init_args,
     detection_spec,
     detection_statistics_args,
+    method_config,
     num_classes,
     statistics_spec,
     train_spec,
 )
-from kcd.data import DATASETS
+from kcd.data import DATASETS, EVAL_SPLIT, TRAIN_SPLIT
 from kcd.errors import KcdError
 from kcd.layout import Layout
+from kcd.losses import BASELINE, LOSSES
+from kcd.models import model_spec
 from kcd.naming import NO_TRANSFORM, parse_transform_name
-from kcd.specs import to_dict
+from kcd.specs import TeacherOutputsSpec, to_dict
 from kcd.tables import (
     ABLATION_TITLES,
     ABLATIONS,
@@ -49,8 +52,8 @@ class Plans:
     """The jobs and tables of one resolved config, on one results layout."""
 
     def __init__(self, cfg: dict, layout: Layout | None = None) -> None:
-        self.cfg = cfg
         self.layout = layout or Layout(cfg["results"])
+        self.cfg = self._with_decoded(cfg)
         self.seeds: list[int] = list(cfg["seeds"])
         self.tseed = int(cfg.get("teacher_seed", 0))
         self.kcd = cfg.get("kcd_transform", "bipartite-correlation")
@@ -60,6 +63,31 @@ class Plans:
 
     # ------------------------------------------------------------------ data
 
+    def _with_decoded(self, cfg: dict) -> dict:
+        """``cfg`` with ``datasets.<ds>.decoded`` set where the workflow decodes the splits
+        once (:meth:`decodes`), so that every spec built from it reads them."""
+        datasets = {ds: ({**entry, "decoded": self.layout.decoded(ds)}
+                         if self._decodes(ds, entry) else entry)
+                    for ds, entry in cfg.get("datasets", {}).items()}
+        return {**cfg, "datasets": datasets}
+
+    @staticmethod
+    def _decodes(ds: str, entry: dict) -> bool:
+        spec = DATASETS.get(ds) if ds in DATASETS else None
+        return bool(spec and spec.image_files and entry.get("fast_loader", True)
+                    and not entry.get("augment", True))
+
+    def decodes(self, ds: str) -> bool:
+        """Whether ``ds``'s splits are decoded once (rule decode): image files, the fast
+        loader on and no training augmentation."""
+        return self._decodes(ds, self.cfg.get("datasets", {}).get(ds, {}))
+
+    def decode_spec(self, ds: str, split: str) -> dict:
+        """``kcd decode --spec``: one split of an image-folder dataset, decoded once."""
+        data = to_dict(data_spec(self.cfg, ds))
+        data["decoded"] = None
+        return {"data": data, "split": split, "out": f"{self.layout.decoded(ds)}/{split}.pt"}
+
     DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
                     "imagenet": "imagenet", "coco": "coco"}  # kcd.data.demo's folders
 
@@ -67,23 +95,26 @@ class Plans:
     def demo_root(self) -> str:
         return self.cfg.get("demo_data", {}).get("root", "resources/demo")
 
-    def data_input(self, ds: str) -> list[str]:
+    def data_input(self, ds: str, decoded: bool = True) -> list[str]:
         """What a job reading ``ds`` needs: the demo data's manifest (which makes the rule
         that writes the demo data run first) when ``ds`` lies in the demo folder, else nothing
-        (a real dataset's root, checked to exist)."""
+        (a real dataset's root, checked to exist); and its decoded splits when it has them
+        (``decoded`` false: not those, for the job that decodes them)."""
         from pathlib import Path
 
         entry = self.cfg.get("datasets", {}).get(ds)
         if entry is None:
             raise KcdError(f"dataset '{ds}' has no entry under datasets in the config; add "
                            f"datasets.{ds}.root")
+        decoded = ([f"{self.layout.decoded(ds)}/{split}.pt" for split in (TRAIN_SPLIT, EVAL_SPLIT)]
+                   if decoded and self.decodes(ds) else [])
         root, demo = Path(entry["root"]).resolve(), Path(self.demo_root).resolve()
         if root == demo or demo in root.parents:
-            return [f"{self.demo_root}/{self.DEMO_FOLDERS[ds]}/.kcd-demo.json"]
+            return [f"{self.demo_root}/{self.DEMO_FOLDERS[ds]}/.kcd-demo.json", *decoded]
         if not root.is_dir():
             raise KcdError(f"dataset root {entry['root']} (config key datasets.{ds}.root) "
                            f"does not exist; point it at your {ds} copy")
-        return []
+        return decoded
 
     # ------------------------------------------------------------------ training jobs
 
@@ -135,7 +166,7 @@ class Plans:
         if self.task(ds) == "detection":
             return self.detect_distill_spec(ds, teacher, tseed, student, method, transform, seed)
         L = self.layout
-        return to_dict(train_spec(
+        spec = to_dict(train_spec(
             self.cfg, dataset=ds, arch=student, seed=int(seed),
             theta0=L.theta0(ds, student, seed),
             out_dir=L.run_dir(ds, teacher, tseed, student, method, transform, seed),
@@ -146,6 +177,54 @@ class Plans:
                   "row": row_label(method, transform, self.kcd) or ""},
             **self.dynamic_options(transform),
         ))
+        if method != BASELINE and not spec["distill"]["anchors"]:  # RCO's teacher changes
+            spec["distill"].update(self.cached_teacher_outputs(ds, teacher, tseed))
+        return spec
+
+    # ------------------------------------------------------------------ teacher outputs
+
+    def caches_teacher_outputs(self, ds: str) -> bool:
+        """``cache_teacher_outputs``: runs read their teacher's answers from files computed
+        once (classification only)."""
+        return bool(self.cfg.get("cache_teacher_outputs")) and self.task(ds) == "classification"
+
+    def cached_teacher_outputs(self, ds: str, teacher: str, tseed: object) -> dict:
+        """A run's ``distill.teacher_eval_outputs`` and, when the training images are not
+        augmented, ``distill.teacher_outputs``: the teacher's files (none when not cached)."""
+        if not self.caches_teacher_outputs(ds):
+            return {}
+        fields = {"teacher_eval_outputs": self.layout.teacher_outputs(ds, teacher, tseed,
+                                                                      EVAL_SPLIT)}
+        if not data_spec(self.cfg, ds).augment:
+            fields["teacher_outputs"] = self.layout.teacher_outputs(ds, teacher, tseed,
+                                                                    TRAIN_SPLIT)
+        return fields
+
+    def run_teacher_outputs(self, ds: str, teacher: str, tseed: object, student: str,
+                            method: str, transform: str, seed: object) -> list[str]:
+        """The teacher-outputs files a run reads (its rule's inputs)."""
+        if self.task(ds) == "detection":
+            return []
+        d = self.distill_spec(ds, teacher, tseed, student, method, transform, seed)["distill"]
+        return [p for p in (d.get("teacher_outputs"), d.get("teacher_eval_outputs")) if p]
+
+    def teacher_layers(self, ds: str, teacher: str) -> list[str]:
+        """Every teacher layer a run may distil: the teacher's distillation layer, and the
+        same before its ReLU for the methods configured with ``pre_relu`` (AB)."""
+        layer = model_spec(teacher).default_layer
+        return sorted({layer + (":pre_relu" if method_config(self.cfg, ds, name).get("pre_relu")
+                                else "")
+                       for name, method in LOSSES.items() if method.features})
+
+    def teacher_outputs_spec(self, ds: str, teacher: str, tseed: object, split: str) -> dict:
+        """``kcd teacher-outputs --spec``: the teacher's answers on ``split``, computed once."""
+        L = self.layout
+        return to_dict(TeacherOutputsSpec(
+            teacher=teacher, teacher_weights=L.final(ds, teacher, tseed),
+            num_classes=num_classes(self.cfg, ds), data=data_spec(self.cfg, ds), split=split,
+            layers=self.teacher_layers(ds, teacher),
+            out=L.teacher_outputs(ds, teacher, tseed, split),
+            batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
 
     # ------------------------------------------------------------------ statistics, transforms
 

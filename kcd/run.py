@@ -24,8 +24,9 @@ import abc
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -60,6 +61,28 @@ class NullTracker:
 
 RESULT_PARAMS = ("iterations", "seed", "train_seconds", "eval_images")
 """Numbers of a result that describe the run rather than measure it: tracked as params."""
+
+
+class Phases:
+    """Wall seconds per phase of a job, a result's ``phases`` (``bench/bench_demo.py`` sums
+    them over a whole workflow): ``with phases("evaluate"): ...``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(s, 3) for name, s in self.seconds.items()}
 
 
 def checkpoint_every(recipe: Recipe) -> int:
@@ -128,6 +151,8 @@ class RunTask(abc.ABC):
     - ``description``: the progress bar's label;
     - ``rank``: the process's rank (0 without torch.distributed); only rank 0 logs, writes
       checkpoints and finishes with a result;
+    - ``phases``: set by the loop before the first step; :meth:`finish` times its parts in it
+      (``save``, ``evaluate``);
     - ``guard`` (optional): a :class:`FiniteGuard` whose ``total`` the step sums its loss with;
       the loop checks it at logging steps, before checkpoints and at the end.
     """
@@ -136,6 +161,7 @@ class RunTask(abc.ABC):
     iterations: int
     description: str = ""
     rank: int = 0
+    phases: Phases | None = None  # set by the loop: the task times its own phases in it
 
     @abc.abstractmethod
     def step(self, step: int) -> Mapping[str, Tensor | float]:
@@ -180,11 +206,14 @@ def _check(task: RunTask) -> None:
         guard.check()
 
 
-def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool = True) -> dict:
+def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool = True,
+        phases: Phases | None = None) -> dict:
     """Run (or resume) ``task`` for ``spec`` (a :class:`~kcd.specs.TrainSpec` or
     :class:`~kcd.specs.DetectionSpec`: its ``recipe`` and ``out_dir``); return its result, also
-    written to ``result.json`` (an empty dict on a rank but 0)."""
+    written to ``result.json`` (an empty dict on a rank but 0) with the seconds of each phase
+    (``phases``: the caller's, e.g. ``setup``, then ``train``, ``checkpoint`` and the task's)."""
     tracker = tracker or NullTracker()
+    phases = task.phases = phases or Phases()
     r: Recipe = spec.recipe
     out = Path(spec.out_dir)
     ckpt_path = out / CHECKPOINT
@@ -228,16 +257,20 @@ def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool
                 logged, n_logged = {}, 0
             if leader and step % every == 0 and step < task.steps:
                 _check(task)
-                atomic_save({"spec_hash": spec_hash, "step": step, **task.state_dict(),
-                             "rng": rng_state()}, ckpt_path)
+                with phases("checkpoint"):
+                    atomic_save({"spec_hash": spec_hash, "step": step, **task.state_dict(),
+                                 "rng": rng_state()}, ckpt_path)
     finally:
         if bar is not None:
             bar.close()
         task.close()
     _check(task)
-    result = task.finish(time.time() - started)
+    train_seconds = time.time() - started
+    phases.add("train", train_seconds - phases.seconds.get("checkpoint", 0.0))
+    result = task.finish(train_seconds)
     if result is None:
         return {}
+    result["phases"] = phases.as_dict()
     tracker.log_metrics(task.eval_metrics(result), task.iterations)
     if hasattr(tracker, "log_params"):  # trackers written before log_params existed
         tracker.log_params(task.result_params(result))

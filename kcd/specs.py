@@ -33,6 +33,8 @@ class DataSpec:
     workers: int = 0  # DataLoader workers for the standard (PIL) path
     eval_limit: int | None = None  # evaluate on the first N evaluation images only
     download: bool = False  # let torchvision fetch CIFAR-100 into root (cluster use)
+    augment: bool = True  # training augmentation (crop + flip); false: the evaluation transform
+    decoded: str | None = None  # folder of <split>.pt decoded once (kcd.data.decoded; workflow)
 
 
 @dataclass
@@ -81,6 +83,11 @@ class DistillSpec:
     dynamic_every: int = 0  # Table 5: recompute the transform every E iterations (0: static)
     dynamic_metric: str = "correlation"
     dynamic_strategy: str = "bipartite"
+    # the teacher's answers computed once (kcd.teacher_outputs): on the training split, read
+    # instead of a teacher forward per step (needs data.augment false), and on the evaluation
+    # split
+    teacher_outputs: str | None = None
+    teacher_eval_outputs: str | None = None
 
 
 @dataclass
@@ -116,6 +123,20 @@ class StatisticsSpec:
     group_metrics: list[str] = field(default_factory=lambda: ["correlation"])  # of the groups
     batch_size: int = 256
     max_images: int | None = None  # every k-th training image up to this many (None: all)
+
+
+@dataclass
+class TeacherOutputsSpec:
+    """A teacher's logits and features on one split, computed once (:mod:`kcd.teacher_outputs`)."""
+
+    teacher: str
+    teacher_weights: str
+    num_classes: int
+    data: DataSpec
+    split: str  # train (read by runs on unaugmented images) or val (by every evaluation)
+    layers: list[str]  # every teacher layer the pair's runs distil
+    out: str
+    batch_size: int = 256
 
 
 ANCHOR_SIZES = [32, 64, 128, 256, 512]

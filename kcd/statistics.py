@@ -42,7 +42,7 @@ FEATURE_CACHE_BYTES = 512 * 2**20  # learned transforms: replay the maps when th
 
 def _models(teacher: str, teacher_weights: str, student: str, student_weights: str,
             num_classes: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    from kcd.train import load_model  # the engines' heavy imports stay out of `kcd transform`
+    from kcd.checkpoint import load_model  # the engines' heavy imports stay out of `kcd transform`
 
     t = load_model(teacher, teacher_weights, num_classes, "teacher weights").to(device).eval()
     s = load_model(student, student_weights, num_classes, "student weights").to(device).eval()

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kcd.checkpoint import atomic_save, load_model_weights
+from kcd.checkpoint import atomic_save, load_model, load_model_weights
 from kcd.data.datasets import check_num_classes
+from kcd.data import EVAL_SPLIT, TRAIN_SPLIT
 from kcd.data.streams import eval_batches, train_stream
 from kcd.errors import KcdError
 from kcd.evaluate import evaluate
@@ -50,6 +51,7 @@ from kcd.run import (
     CHECKPOINT,
     FINAL,
     RESULT,
+    Phases,
     RunTask,
     Tracker,
     FiniteGuard,
@@ -59,6 +61,7 @@ from kcd.run import (
 
 __all__ = ["CHECKPOINT", "FINAL", "RESULT", "Tracker", "init_weights", "load_model", "train"]
 from kcd.specs import DistillSpec, LayerPair, TrainSpec, to_dict
+from kcd.teacher_outputs import TeacherOutputs, load as load_teacher_outputs
 from kcd.transforms import ChannelTransform, DynamicMatching, check_transform, load_transform
 
 # --------------------------------------------------------------------------- theta0
@@ -72,18 +75,6 @@ def init_weights(arch: str, seed: int, num_classes: int, path: str | os.PathLike
         {"arch": arch, "seed": seed, "num_classes": num_classes, "state_dict": model.state_dict()},
         path,
     )
-
-
-def load_model(arch: str, path: str | os.PathLike, num_classes: int, what: str) -> nn.Module:
-    """Build ``arch`` and load a kcd model file into it, checking architecture and classes."""
-    obj = load_model_weights(path, arch, what)
-    if obj.get("num_classes", num_classes) != num_classes:
-        raise KcdError(
-            f"{what} {path} has {obj['num_classes']} classes but the dataset has {num_classes}"
-        )
-    model = build_model(arch, num_classes)
-    model.load_state_dict(obj["state_dict"])
-    return model
 
 
 # --------------------------------------------------------------------------- distributed
@@ -119,6 +110,8 @@ class _Distillation:
     def __init__(self, spec: TrainSpec, student: nn.Module, device: torch.device) -> None:
         d = spec.distill
         self.teacher: nn.Module | None = None
+        self.cached: TeacherOutputs | None = None  # the teacher's answers on the training split
+        self.cached_eval: TeacherOutputs | None = None  # ... and on the evaluation split
         self.losses = nn.ModuleList()
         self.pairs: list[tuple[str, str, float]] = []
         self.transforms: list[nn.Module | None] = []
@@ -140,6 +133,10 @@ class _Distillation:
         self.teacher = load_model(d.teacher, d.teacher_weights, spec.num_classes, "teacher weights")
         self.teacher.to(device).eval().requires_grad_(False)
         self.context = DistillContext(d, spec.recipe, self._teacher_loader(d.teacher, device))
+        if method.uses_features:
+            self.pairs = _layer_pairs(spec)
+        self.cached = self._cached(spec, d.teacher_outputs, TRAIN_SPLIT, device)
+        self.cached_eval = self._cached(spec, d.teacher_eval_outputs, EVAL_SPLIT, device)
         if not method.uses_features:
             if any(d.transforms):
                 raise KcdError(f"method '{d.method}' distils logits only; a channel transform "
@@ -152,20 +149,32 @@ class _Distillation:
             module.setup(self.context)
         self._plan_stages(spec)
 
+    def _cached(self, spec: TrainSpec, path: str | None, split: str,
+                device: torch.device) -> TeacherOutputs | None:
+        """The teacher's cached answers on ``split``, when the spec names a file for them."""
+        d = spec.distill
+        if not path:
+            return None
+        if d.anchors:
+            raise KcdError("distill.anchors replace the teacher during training; cached teacher "
+                           "outputs cannot answer for them (leave distill.teacher_outputs and "
+                           "teacher_eval_outputs empty)")
+        if split == TRAIN_SPLIT and spec.data.augment:
+            raise KcdError(f"distill.teacher_outputs answer for unaugmented training images; set "
+                           f"datasets.{spec.data.name}.augment to false or leave them out")
+        return load_teacher_outputs(path, d.teacher, d.teacher_weights, spec.data, split,
+                                    [t for t, _, _ in self.pairs]).to(device)
+
     def _feature_losses(self, spec: TrainSpec, student: nn.Module, device: torch.device,
                         default_weight: float) -> None:
         d: DistillSpec = spec.distill  # type: ignore[assignment]
-        layers = d.layers or [
-            LayerPair(model_spec(d.teacher).default_layer, model_spec(spec.arch).default_layer)
-        ]
-        suffix = ":pre_relu" if d.pre_relu else ""
-        for p in layers:
-            t_layer = p.teacher if p.teacher.endswith(":pre_relu") else p.teacher + suffix
-            s_layer = p.student if p.student.endswith(":pre_relu") else p.student + suffix
-            self.pairs.append((t_layer, s_layer, p.weight))
         size = _input_size(spec)
         s_shapes = feature_shapes(student, [s for _, s, _ in self.pairs], size)
-        t_shapes = feature_shapes(self.teacher, [t for t, _, _ in self.pairs], size)
+        cached = self.cached or self.cached_eval
+        if cached is not None:  # the teacher's answers are known: no forward to measure them
+            t_shapes = {t: tuple(cached.features[t].shape[1:]) for t, _, _ in self.pairs}
+        else:
+            t_shapes = feature_shapes(self.teacher, [t for t, _, _ in self.pairs], size)
         paths = d.transforms or [None] * len(self.pairs)
         if len(paths) != len(self.pairs):
             raise KcdError(
@@ -266,6 +275,19 @@ class _Distillation:
                 s.load_state_dict(st)
 
 
+def _layer_pairs(spec: TrainSpec) -> list[tuple[str, str, float]]:
+    """The (teacher layer, student layer, weight) pairs a feature method distils: the spec's
+    or the models' distillation layers, before the ReLU when ``distill.pre_relu``."""
+    d: DistillSpec = spec.distill  # type: ignore[assignment]
+    layers = d.layers or [
+        LayerPair(model_spec(d.teacher).default_layer, model_spec(spec.arch).default_layer)
+    ]
+    suffix = ":pre_relu" if d.pre_relu else ""
+    return [(p.teacher if p.teacher.endswith(":pre_relu") else p.teacher + suffix,
+             p.student if p.student.endswith(":pre_relu") else p.student + suffix, p.weight)
+            for p in layers]
+
+
 def _no_terms(batch: DistillBatch) -> dict[str, torch.Tensor]:
     return {}
 
@@ -276,7 +298,10 @@ def _input_size(spec: TrainSpec) -> int:
 
 def train(spec: TrainSpec, tracker: Tracker | None = None, progress: bool = True) -> dict:
     """Run (or resume) one training job and return its result (also in ``result.json``)."""
-    return run(spec, _Classification(spec, progress), tracker, progress)
+    phases = Phases()
+    with phases("setup"):  # models, teacher, cached outputs, data
+        task = _Classification(spec, progress)
+    return run(spec, task, tracker, progress, phases)
 
 
 class _Classification(RunTask):
@@ -346,21 +371,22 @@ class _Classification(RunTask):
         if distill.uses_features:
             self.s_tap = self.taps.enter_context(
                 FeatureTap(student, [s for _, s, _ in distill.pairs]))
-            self.t_tap = self.taps.enter_context(
-                FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
+            if distill.cached is None:
+                self.t_tap = self.taps.enter_context(
+                    FeatureTap(distill.teacher, [t for t, _, _ in distill.pairs]))
         self.model.train()
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         r, distill = self.recipe, self.distill
         if self._batches is None:
-            self._batches = self.stream.iterate_forever()
+            self._batches = self.stream.iterate_forever(indices=distill.cached is not None)
         k = bisect.bisect_right(self.ends, step)  # the stage of this step
         stage, opt = self.stages[k], self.optimizers[k]
         self._opt = opt
         it = step - self.main_start  # the main-stage iteration (negative before the main stage)
         if stage.main:
             distill.before_step(it)
-        x, y = next(self._batches)
+        x, y, *index = next(self._batches)
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         y = y.to(self.device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
@@ -368,7 +394,12 @@ class _Classification(RunTask):
         terms: dict[str, torch.Tensor] = {}
         for i in range(m):
             xi, yi = (x[i::m], y[i::m]) if m > 1 else (x, y)
-            got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it)
+            answers = None
+            if index:  # the teacher's cached answers to these images
+                answers = distill.cached.take(index[0][i::m] if m > 1 else index[0],
+                                              [t for t, _, _ in distill.pairs])
+            got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it,
+                                 answers)
             loss = self.guard.total(got, it)  # checked by the run loop, no sync per step
             (loss / m).backward()
             for name, v in got.items():
@@ -416,7 +447,7 @@ class _Classification(RunTask):
         self.taps.close()
 
     def finish(self, train_seconds: float) -> dict | None:
-        spec, r, distill = self.spec, self.recipe, self.distill
+        spec, r = self.spec, self.recipe
         if self.world > 1:
             import torch.distributed as dist
 
@@ -424,17 +455,10 @@ class _Classification(RunTask):
             dist.destroy_process_group()
         if self.rank != 0:
             return None
-        _save_model(self.student, spec, self.out / FINAL, r.iterations)
-        result = evaluate(
-            self.student,
-            eval_batches(spec.data, r.eval_batch_size),
-            teacher=distill.teacher,
-            layers=[(t, s) for t, s, _ in distill.pairs],
-            transforms=distill.transforms,
-            device=self.device,
-            channels_last=r.channels_last,
-            progress=self.progress,
-        )
+        with self.phases("save"):
+            _save_model(self.student, spec, self.out / FINAL, r.iterations)
+        with self.phases("evaluate"):
+            result = self._evaluate()
         result.update(
             iterations=r.iterations,
             train_seconds=round(train_seconds, 2),
@@ -444,6 +468,20 @@ class _Classification(RunTask):
             spec=to_dict(spec),
         )
         return result
+
+    def _evaluate(self) -> dict:
+        spec, r, distill = self.spec, self.recipe, self.distill
+        return evaluate(
+            self.student,
+            eval_batches(spec.data, r.eval_batch_size),
+            teacher=distill.teacher,
+            teacher_outputs=distill.cached_eval,
+            layers=[(t, s) for t, s, _ in distill.pairs],
+            transforms=distill.transforms,
+            device=self.device,
+            channels_last=r.channels_last,
+            progress=self.progress,
+        )
 
 
 def _forward_terms(
@@ -455,19 +493,24 @@ def _forward_terms(
     y: torch.Tensor,
     stage: int,
     iteration: int,
+    answers: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Forward one (micro-)batch in ``stage``: the cross-entropy (if the stage has it) and the
-    distillation terms, by name."""
+    distillation terms, by name. ``answers``: the teacher's logits and features for ``x``
+    from its cached outputs, instead of a teacher forward."""
     logits = model(x)
     terms: dict[str, torch.Tensor] = {}
     main = distill.stages[stage].main
     if distill.stages[stage].cross_entropy:
         terms["ce"] = F.cross_entropy(logits, y)
     if distill.teacher is not None:
-        with torch.no_grad():
-            t_logits = distill.teacher(x)
         s_feats = [s_tap.features[s] for _, s, _ in distill.pairs] if s_tap else []
-        t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
+        if answers is not None:
+            t_logits, t_feats = answers
+        else:
+            with torch.no_grad():
+                t_logits = distill.teacher(x)
+            t_feats = [t_tap.features[t] for t, _, _ in distill.pairs] if t_tap else []
         batch = DistillBatch(labels=y, student_logits=logits, teacher_logits=t_logits,
                              iteration=iteration)
         terms.update(distill.terms(stage, batch, s_feats, t_feats))

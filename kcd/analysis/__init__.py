@@ -21,7 +21,7 @@ from typing import Any
 def load_view(ref: dict[str, Any], num_classes: int):
     """A model of an analysis job, ``{"arch", "weights", "transform"?}``: the model in eval
     mode and its transform (None without one), with the one-line errors of the engines."""
-    from kcd.train import load_model
+    from kcd.checkpoint import load_model
     from kcd.transforms import load_transform
 
     model = load_model(ref["arch"], ref["weights"], num_classes, f"{ref['arch']} weights").eval()

@@ -14,16 +14,20 @@ from typing import Any, Literal
 from kcd.registry import Registry
 
 TASKS = ("classification", "detection")
+TRAIN_SPLIT, EVAL_SPLIT = "train", "val"  # the splits every dataset has, by these names
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     """A registered dataset: its name, its task and its builder (``"module:function"``
-    taking ``(root, split, train_transform, image_size, download)``)."""
+    taking ``(root, split, train_transform, image_size, download)``). ``image_files``: its
+    classification images are files decoded per read (an image folder), so the fast loader
+    decodes each split once (:mod:`kcd.data.decoded`)."""
 
     name: str
     builder: str
     task: Literal["classification", "detection"]
+    image_files: bool = False
 
     def build(self, *args: Any) -> Any:
         module, function = self.builder.split(":")
@@ -33,7 +37,8 @@ class DatasetSpec:
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 for _name, _task in (("cifar10", "classification"), ("cifar100", "classification"),
                      ("imagenet", "classification"), ("coco", "detection")):
-    DATASETS.register(_name, DatasetSpec(_name, f"kcd.data.datasets:{_name}_dataset", _task))
+    DATASETS.register(_name, DatasetSpec(_name, f"kcd.data.datasets:{_name}_dataset", _task,
+                                         image_files=_name == "imagenet"))
 
 
 def datasets_of_task(task: str) -> list[str]:

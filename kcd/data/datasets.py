@@ -448,14 +448,19 @@ def cifar100_dataset(
 # --------------------------------------------------------------------------- imagenet
 
 
-def imagenet_transform(train: bool, image_size: int = IMAGENET_IMAGE_SIZE) -> T.Compose:
-    """The standard ImageNet transform at ``image_size``: random-resized crop and flip for
-    training, resize to 256/224 of the size and centre crop for evaluation; then normalise."""
+def imagenet_geometry(train: bool, image_size: int = IMAGENET_IMAGE_SIZE) -> list:
+    """The geometric part of the ImageNet transform: random-resized crop and flip for training,
+    resize to 256/224 of the size and centre crop for evaluation."""
     if train:
-        geometry = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-    else:
-        geometry = [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
-    return T.Compose([*geometry, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        return [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    return [T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size)]
+
+
+def imagenet_transform(train: bool, image_size: int = IMAGENET_IMAGE_SIZE) -> T.Compose:
+    """The standard ImageNet transform at ``image_size``: :func:`imagenet_geometry`, then
+    normalise."""
+    return T.Compose([*imagenet_geometry(train, image_size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _class_folders(folder: Path) -> list[str]:

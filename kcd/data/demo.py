@@ -58,7 +58,7 @@ from kcd.errors import KcdError
 KINDS = ("cifar100", "imagenet", "coco")  # written by default
 ALL_KINDS = (*KINDS, "cifar10")  # also written on request
 MANIFEST = ".kcd-demo.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: easier classes, per format (CIFAR_IMAGES, IMAGENET_IMAGES)
 
 CIFAR_DIR = "cifar-100-python"
 CIFAR10_DIR = "cifar-10-batches-py"
@@ -70,10 +70,22 @@ CIFAR_SIZE = 32
 
 # Recipe of the classification images (units: standard deviations of a unit pattern).
 MAX_FREQUENCY = 3  # highest spatial frequency of a pattern, in cycles per canvas
-CANVAS_MARGIN = 0.375  # class patterns are this fraction of the image side larger: the crop range
-CLASS_DEVIATION = 0.75  # size of a class's own pattern next to its superclass pattern
-NUISANCE = 0.6  # size of the per-sample smooth pattern
-NOISE = 0.35  # per-pixel Gaussian noise
+
+
+@dataclass(frozen=True)
+class ImageRecipe:
+    """How hard one format's classes are to tell apart (units: standard deviations of a unit
+    pattern). The demo's short runs see each CIFAR-format image about half a time, so those
+    classes are the easier; the ten ImageNet-format classes are seen a few times each."""
+
+    canvas_margin: float  # class patterns are this fraction of the image side larger: crop range
+    class_deviation: float  # size of a class's own pattern next to its superclass pattern
+    nuisance: float  # size of the per-sample smooth pattern
+    noise: float  # per-pixel Gaussian noise
+
+
+CIFAR_IMAGES = ImageRecipe(canvas_margin=0.25, class_deviation=1.5, nuisance=0.3, noise=0.2)
+IMAGENET_IMAGES = ImageRecipe(canvas_margin=0.375, class_deviation=1.0, nuisance=0.4, noise=0.25)
 CONTRAST = (0.6, 1.4)  # uniform range of the per-sample contrast factor
 BRIGHTNESS = 0.3  # standard deviation of the per-sample, per-channel brightness shift
 PIXEL_SCALE = 36.0  # grey levels per unit: pixel = 128 + PIXEL_SCALE * value
@@ -256,16 +268,19 @@ def _smooth_patterns(rng: np.random.Generator, n: int, basis: np.ndarray) -> np.
     return patterns.reshape(n, 3, size, size)
 
 
-def _class_patterns(rng: np.random.Generator, superclass_of: np.ndarray, canvas: int) -> np.ndarray:
-    """One pattern per class: its superclass's pattern plus a smaller class-specific one."""
-    basis = _fourier_basis(canvas)
+def _class_patterns(rng: np.random.Generator, superclass_of: np.ndarray, size: int,
+                    recipe: ImageRecipe) -> np.ndarray:
+    """One pattern per class on a canvas larger than ``size`` (the crop range): its
+    superclass's pattern plus a class-specific one."""
+    basis = _fourier_basis(size + round(recipe.canvas_margin * size))
     shared = _smooth_patterns(rng, int(superclass_of.max()) + 1, basis)
     own = _smooth_patterns(rng, len(superclass_of), basis)
-    return shared[superclass_of] + CLASS_DEVIATION * own
+    return shared[superclass_of] + recipe.class_deviation * own
 
 
 def _render(
-    rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, size: int, chunk: int = 1000
+    rng: np.random.Generator, patterns: np.ndarray, labels: np.ndarray, size: int,
+    recipe: ImageRecipe, chunk: int = 1000,
 ) -> Iterable[np.ndarray]:
     """Yield uint8 images ``(n, size, size, 3)`` of the given labels, ``chunk`` at a time.
 
@@ -289,8 +304,8 @@ def _render(
         ]
         contrast = rng.uniform(*CONTRAST, size=(n, 1, 1, 1))
         brightness = BRIGHTNESS * rng.standard_normal((n, 3, 1, 1))
-        image = contrast * (crop + NUISANCE * _smooth_patterns(rng, n, basis)) + brightness
-        image += NOISE * rng.standard_normal(image.shape)
+        image = contrast * (crop + recipe.nuisance * _smooth_patterns(rng, n, basis)) + brightness
+        image += recipe.noise * rng.standard_normal(image.shape)
         pixels = np.clip(np.rint(128.0 + PIXEL_SCALE * image), 0, 255).astype(np.uint8)
         yield pixels.transpose(0, 2, 3, 1)
 
@@ -332,7 +347,7 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
     """Write ``train``, ``test`` and ``meta`` in the CIFAR-100 python layout into ``out``."""
     rng = _rng(seed, "cifar100", "classes")
     superclass_of = rng.permutation(np.repeat(np.arange(CIFAR_COARSE_CLASSES), 5))
-    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + round(CANVAS_MARGIN * CIFAR_SIZE))
+    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE, CIFAR_IMAGES)
     fine_names = [f"class_{i:02d}" for i in range(CIFAR_FINE_CLASSES)]
     coarse_names = [f"superclass_{i:02d}" for i in range(CIFAR_COARSE_CLASSES)]
     splits = (
@@ -345,7 +360,7 @@ def _write_cifar100(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
             split_rng = _rng(seed, "cifar100", split)
             labels = _balanced_labels(split_rng, CIFAR_FINE_CLASSES, per_class)
             chunks = []
-            for images in _render(split_rng, patterns, labels, CIFAR_SIZE):
+            for images in _render(split_rng, patterns, labels, CIFAR_SIZE, CIFAR_IMAGES):
                 chunks.append(images.transpose(0, 3, 1, 2).reshape(len(images), -1))  # R, G, B planes
                 bar.update(len(images))
             filenames = [f"{fine_names[y]}_s_{i:06d}.png".encode() for i, y in enumerate(labels)]
@@ -376,7 +391,7 @@ def _write_cifar10(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> No
     layout into ``out``; the shuffled training images are split evenly over the five batches."""
     rng = _rng(seed, "cifar10", "classes")
     superclass_of = rng.permutation(np.repeat(np.arange(CIFAR10_CLASSES // 2), 2))
-    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE + round(CANVAS_MARGIN * CIFAR_SIZE))
+    patterns = _class_patterns(rng, superclass_of, CIFAR_SIZE, CIFAR_IMAGES)
     names = [f"class_{i}" for i in range(CIFAR10_CLASSES)]
     splits = (("train", sizes.cifar10_train_per_class), ("test", sizes.cifar10_test_per_class))
     total = CIFAR10_CLASSES * (sizes.cifar10_train_per_class + sizes.cifar10_test_per_class)
@@ -385,7 +400,7 @@ def _write_cifar10(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> No
             split_rng = _rng(seed, "cifar10", split)
             labels = _balanced_labels(split_rng, CIFAR10_CLASSES, per_class)
             chunks = []
-            for images in _render(split_rng, patterns, labels, CIFAR_SIZE):
+            for images in _render(split_rng, patterns, labels, CIFAR_SIZE, CIFAR_IMAGES):
                 chunks.append(images.transpose(0, 3, 1, 2).reshape(len(images), -1))  # R, G, B planes
                 bar.update(len(images))
             data = np.concatenate(chunks)
@@ -425,7 +440,7 @@ def _write_imagenet(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
     rng = _rng(seed, "imagenet", "classes")
     classes, size = sizes.imagenet_classes, sizes.imagenet_image_size
     superclass_of = rng.permutation(np.arange(classes) % max(1, classes // 5))
-    patterns = _class_patterns(rng, superclass_of, size + round(CANVAS_MARGIN * size))
+    patterns = _class_patterns(rng, superclass_of, size, IMAGENET_IMAGES)
     wnids = [f"n{i:08d}" for i in range(classes)]
     splits = (("train", sizes.imagenet_train_per_class), ("val", sizes.imagenet_val_per_class))
     total = classes * (sizes.imagenet_train_per_class + sizes.imagenet_val_per_class)
@@ -436,7 +451,7 @@ def _write_imagenet(out: Path, seed: int, sizes: DemoSizes, progress: bool) -> N
             split_rng = _rng(seed, "imagenet", split)
             labels = _balanced_labels(split_rng, classes, per_class)
             index = 0
-            for images in _render(split_rng, patterns, labels, size, chunk=200):
+            for images in _render(split_rng, patterns, labels, size, IMAGENET_IMAGES, chunk=200):
                 for image in images:
                     wnid = wnids[labels[index]]
                     Image.fromarray(image).save(out / split / wnid / f"{wnid}_{index:05d}.png")

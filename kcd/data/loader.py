@@ -150,19 +150,24 @@ class TensorDataLoader:
         return order[mine], offsets[mine], flips[mine]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self._batches(indices=False)
+
+    def _batches(self, indices: bool) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.position >= len(self):
             self.epoch, self.position = self.epoch + 1, 0
-        indices, offsets, flips = self._epoch_draws(self.epoch)
+        order, offsets, flips = self._epoch_draws(self.epoch)
         while self.position < len(self):
             start = self.position * self.batch_size
             batch = slice(start, start + self.batch_size)
             self.position += 1
-            yield self._make_batch(indices[batch], offsets[batch], flips[batch])
+            x, y = self._make_batch(order[batch], offsets[batch], flips[batch])
+            yield (x, y, order[batch]) if indices else (x, y)
 
-    def iterate_forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """An endless stream of batches, epoch after epoch (for iteration-based schedules)."""
+    def iterate_forever(self, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """An endless stream of batches, epoch after epoch (for iteration-based schedules);
+        ``indices``: ``(images, labels, indices into the images)``."""
         while True:
-            yield from self
+            yield from self._batches(indices)
 
     def _make_batch(
         self, indices: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor

@@ -20,12 +20,12 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from kcd.data.datasets import CIFAR_READERS, build_dataset
+from kcd.data import EVAL_SPLIT, TRAIN_SPLIT, decoded
+from kcd.data.datasets import CIFAR_READERS, IMAGENET_MEAN, IMAGENET_STD, build_dataset
 from kcd.data.loader import TensorDataLoader
 from kcd.errors import KcdError
 from kcd.specs import DataSpec
 
-EVAL_SPLIT = "val"
 
 
 def mix_seed(*values: int) -> int:
@@ -50,7 +50,7 @@ class _SeededItems(Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            return (*self.dataset[index], index)
 
 
 class SampleStream:
@@ -82,15 +82,16 @@ class SampleStream:
             out.append([(i, mix_seed(self.seed, epoch, i)) for i in idx])
         return out
 
-    def iterate_forever(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless batches, epoch after epoch, from where the stream stands."""
+    def iterate_forever(self, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Endless ``(images, labels)`` batches, epoch after epoch, from where the stream
+        stands; ``indices``: ``(images, labels, dataset indices)``."""
         while True:
             batches = self._epoch_batches(self.epoch)[self.position:]
             loader = DataLoader(self.items, batch_sampler=batches, num_workers=self.workers,
                                 persistent_workers=False)
-            for batch in loader:
+            for x, y, index in loader:
                 self.position += 1
-                yield batch
+                yield (x, y, index) if indices else (x, y)
             self.epoch += 1
             self.position = 0
 
@@ -109,15 +110,24 @@ class SampleStream:
 
 def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, channels_last: bool = False):
-    """The training stream of ``data``: the fast path when possible, else :class:`SampleStream`."""
+    """The training stream of ``data``: the fast path when possible, else :class:`SampleStream`.
+
+    With ``data.augment`` false, the images are those of the evaluation transform (so they
+    equal :func:`eval_batches` of the ``train`` split, image by image)."""
     if data.fast_loader and data.name in CIFAR_READERS:
         dataset = build_dataset(data.name, data.root, "train", train_transform=False,
                                 download=data.download)
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=True,
-                                           augment=True, seed=seed, rank=rank,
+                                           augment=data.augment, seed=seed, rank=rank,
                                            world_size=world_size, drop_last=True,
                                            channels_last=channels_last)
-    dataset = build_dataset(data.name, data.root, "train", train_transform=True,
+    if data.decoded and not data.augment:  # an image-folder split decoded once
+        images, labels = decoded.load(decoded.decoded_path(data, TRAIN_SPLIT), data, TRAIN_SPLIT)
+        return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=True,
+                                augment=False, seed=seed, rank=rank, world_size=world_size,
+                                drop_last=True, channels_last=channels_last,
+                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    dataset = build_dataset(data.name, data.root, "train", train_transform=data.augment,
                             image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
                         workers=data.workers)
@@ -130,6 +140,16 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
     ``limit``: at most that many images, every k-th one, so that a split stored in class order
     (ImageFolder) still covers every class.
     """
+    if data.decoded:  # an image-folder split decoded once: the same images, from memory
+        images, labels = decoded.load(decoded.decoded_path(data, split), data, split)
+        if data.eval_limit is not None and split == EVAL_SPLIT:
+            images, labels = images[:data.eval_limit], labels[:data.eval_limit]
+        if limit is not None and limit < len(images):
+            stride = -(-len(images) // limit)
+            images, labels = images[::stride], labels[::stride]
+        return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=False,
+                                augment=False, drop_last=False, mean=IMAGENET_MEAN,
+                                std=IMAGENET_STD)
     dataset = build_dataset(data.name, data.root, split, train_transform=False,
                             image_size=data.image_size)
     if data.eval_limit is not None and split == EVAL_SPLIT:

@@ -58,6 +58,7 @@ wildcard_constraints:
     sw=r"s\d+(-init)?",
     folder="|".join(P.DEMO_FOLDERS.values()),
     n=r"\d+",
+    split=r"train|val",
 
 
 def table_plan(n):
@@ -67,10 +68,11 @@ def table_plan(n):
         fail(str(e))
 
 
-def data_input(ds):
-    """The demo data's manifest (which triggers its generation), or a check of a real root."""
+def data_input(ds, decoded=True):
+    """The demo data's manifest (which triggers its generation), or a check of a real root;
+    and the dataset's decoded splits when it has them (not for the job that decodes them)."""
     try:
-        return P.data_input(ds)
+        return P.data_input(ds, decoded)
     except KcdError as e:
         fail(str(e))
 

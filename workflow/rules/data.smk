@@ -17,3 +17,20 @@ rule demo_data:
     shell:
         "{resources.kcd} demo-data --root {params.root:q} --seed {params.seed} --kinds {params.kind} {params.size} "
         "-q > {log:q} 2>&1"
+
+
+# An image-folder split decoded once (kcd/data/decoded.py): with the fast loader on and no
+# training augmentation, every job reads the split from this file instead of the images.
+rule decode:
+    input:
+        lambda w: data_input(w.ds, decoded=False),
+    output:
+        f"{L.decoded('{ds}')}/{{split}}.pt",
+    log:
+        log_path("{ds}", "data", "decode-{split}"),
+    resources:
+        kcd=KCD,
+    params:
+        spec=lambda w: json.dumps(P.decode_spec(w.ds, w.split), sort_keys=True),
+    shell:
+        "{resources.kcd} decode --spec {params.spec:q} -q > {log:q} 2>&1"

@@ -8,6 +8,7 @@ rule distill:
         theta0=lambda w: L.theta0(w.ds, w.student, w.seed),
         teacher=lambda w: L.final(w.ds, w.teacher, w.tseed),
         transform=lambda w: P.run_transforms(w.ds, w.teacher, w.tseed, w.student, w.seed, w.transform),
+        cached=lambda w: P.run_teacher_outputs(*run_wildcards(w)),
         data=lambda w: data_input(w.ds),
     output:
         result=RUN_FILE.format(file="result.json"),

@@ -1,0 +1,272 @@
+"""Benchmark: where a demo pipeline run's time went, per rule and per phase of the jobs' work.
+
+Reads a finished Snakemake run, the newest ``.snakemake/log/*.snakemake.log`` of WORKDIR (or
+``--log FILE``), and prints
+
+* the run: its wall time (first to last timestamp of the log), the number of finished jobs, the
+  sum of their times and the parallel efficiency, job time / (wall x ``--cores``); whether the
+  log reached "N of N steps (100%) done";
+* per rule, sorted by total time: jobs, total, mean and max seconds, share of all job time;
+* per rule and phase, top costs first: the seconds that the jobs' own ``result.json`` (in the
+  folder of each job's first output, or one of its outputs) lists under ``"phases"`` (setup,
+  train, evaluate, ...), summed over the rule's jobs, and "other", the rest of those jobs' time
+  (process start, imports, tracking, Snakemake). Jobs without phases are left out of this table.
+
+A job's time is its finish timestamp minus its start timestamp in the log; the log counts whole
+seconds, so each job's time (and its "other") is within a second or so.
+
+``--run`` first runs the demo: it extracts the checkout's HEAD (``git archive``) into a fresh
+temporary folder, runs ``python -m snakemake --cores N results/tables.md`` there (``--target``,
+``--config-arg KEY=VALUE`` for Snakemake's ``--config``), times it and reports on that folder,
+which it keeps and prints.
+
+    python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE]
+    python bench/bench_demo.py --run [--cores 2] [--target results/tables.md]
+                               [--config-arg 'seeds=[0,1,2]' ...]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TIMESTAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+RULE = re.compile(r"^(?:local)?(?:rule|checkpoint) (\S+):$")
+FIELD = re.compile(r"^    (\w+): (.*)$")
+FINISHED = re.compile(r"^Finished jobid: (\d+)\b")
+COMPLETE = re.compile(r"^(\d+) of \1 steps \(100%\) done$")
+
+
+class BenchError(Exception):
+    """An expected failure, reported as one line on stderr."""
+
+
+@dataclass
+class Job:
+    rule: str
+    start: datetime
+    outputs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    log: Path
+    jobs: list[Job]  # finished ones
+    unfinished: int
+    wall_s: float
+    complete: bool
+
+
+def find_log(workdir: Path) -> Path:
+    logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
+    if not logs:
+        raise BenchError(f"no Snakemake log in {workdir / '.snakemake' / 'log'}; run `make demo` "
+                         "there first (or use --run), or pass --log FILE")
+    return logs[-1]  # the names start with the run's ISO start time
+
+
+def _timestamp(text: str) -> datetime:
+    return datetime.strptime(" ".join(text.split()), "%a %b %d %H:%M:%S %Y")
+
+
+def parse_log(path: Path) -> Run:
+    """The finished jobs of a Snakemake 9 log, their rules, outputs and times."""
+    if not path.is_file():
+        raise BenchError(f"{path} does not exist; run `make demo` first, or pass --log FILE")
+    stamps: list[datetime] = []
+    started: dict[int, Job] = {}
+    finished: list[Job] = []
+    block: Job | None = None  # the job whose indented fields are being read
+    complete = False
+    for line in path.read_text(errors="replace").splitlines():
+        if m := TIMESTAMP.match(line):
+            stamps.append(_timestamp(m[1]))
+        elif (m := RULE.match(line)) and stamps:
+            block = Job(rule=m[1], start=stamps[-1])
+            continue
+        elif block and (m := FIELD.match(line)):
+            if m[1] == "output":
+                block.outputs = m[2].split(", ")
+            elif m[1] == "jobid":
+                started[int(m[2])] = block
+            continue
+        elif (m := FINISHED.match(line)) and int(m[1]) in started:
+            job = started.pop(int(m[1]))
+            job.seconds = (stamps[-1] - job.start).total_seconds()
+            finished.append(job)
+        elif COMPLETE.match(line):
+            complete = True
+        block = None
+    if not finished:
+        raise BenchError(f"{path} has no finished jobs; is it the log of a Snakemake run that "
+                         "did something?")
+    return Run(log=path, jobs=finished, unfinished=len(started),
+               wall_s=(stamps[-1] - stamps[0]).total_seconds(), complete=complete)
+
+
+def _result_file(workdir: Path, outputs: list[str]) -> Path:
+    named = [o for o in outputs if Path(o).name == "result.json"]
+    return workdir / (named[0] if named else Path(outputs[0]).parent / "result.json")
+
+
+def read_phases(workdir: Path, job: Job) -> dict[str, float] | None:
+    """The job's ``result.json`` phases (name -> seconds), or None if it has none readable."""
+    if not job.outputs:
+        return None
+    try:
+        phases = json.loads(_result_file(workdir, job.outputs).read_text()).get("phases")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(phases, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in phases.values()):
+        return None
+    return {str(k): float(v) for k, v in phases.items()}
+
+
+def rule_rows(jobs: list[Job]) -> list[dict]:
+    total = sum(j.seconds for j in jobs)
+    by_rule: dict[str, list[float]] = {}
+    for job in jobs:
+        by_rule.setdefault(job.rule, []).append(job.seconds)
+    rows = [{"rule": rule, "jobs": len(times), "total_s": sum(times),
+             "mean_s": sum(times) / len(times), "max_s": max(times),
+             "share": sum(times) / total if total else 0.0}
+            for rule, times in by_rule.items()]
+    return sorted(rows, key=lambda r: (-r["total_s"], r["rule"]))
+
+
+def phase_rows(workdir: Path, jobs: list[Job]) -> list[dict]:
+    """Per rule and phase: seconds summed over the rule's jobs with phases, and "other"."""
+    sums: dict[tuple[str, str], float] = {}
+    timed: dict[str, list[float]] = {}  # rule -> times of its jobs with phases
+    for job in jobs:
+        phases = read_phases(workdir, job)
+        if phases is None:
+            continue
+        timed.setdefault(job.rule, []).append(job.seconds)
+        for name, seconds in {**phases, "other": job.seconds - sum(phases.values())}.items():
+            sums[job.rule, name] = sums.get((job.rule, name), 0.0) + seconds
+    rows = [{"rule": rule, "phase": name, "jobs": len(timed[rule]), "total_s": seconds,
+             "mean_s": seconds / len(timed[rule]),
+             "share": seconds / sum(timed[rule]) if sum(timed[rule]) else 0.0}
+            for (rule, name), seconds in sums.items()]
+    return sorted(rows, key=lambda r: (-r["total_s"], r["rule"], r["phase"]))
+
+
+def _mss(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def report(run: Run, workdir: Path, cores: int) -> dict:
+    job_s = sum(j.seconds for j in run.jobs)
+    return {
+        "log": str(run.log), "wall_s": run.wall_s, "cores": cores, "jobs": len(run.jobs),
+        "unfinished": run.unfinished, "complete": run.complete, "job_s": job_s,
+        "efficiency": job_s / (run.wall_s * cores) if run.wall_s else None,
+        "rules": rule_rows(run.jobs), "phases": phase_rows(workdir, run.jobs),
+    }
+
+
+def format_report(rep: dict) -> str:
+    efficiency = "n/a" if rep["efficiency"] is None else f"{rep['efficiency']:.2f}"
+    state = "complete" if rep["complete"] else "NOT complete (no 'N of N steps (100%) done')"
+    unfinished = f", {rep['unfinished']} started but not finished" if rep["unfinished"] else ""
+    lines = [
+        f"log: {rep['log']}",
+        f"wall {_mss(rep['wall_s'])} (first to last timestamp), {rep['jobs']} jobs finished"
+        f"{unfinished}, run {state}",
+        f"job time {rep['job_s']:.0f} s summed; parallel efficiency {efficiency} "
+        f"(job time / (wall x {rep['cores']} cores))",
+        "",
+        f"{'rule':<22} {'jobs':>5} {'total s':>9} {'mean s':>8} {'max s':>7} {'share':>7}",
+    ]
+    lines += [f"{r['rule']:<22} {r['jobs']:>5} {r['total_s']:>9.0f} {r['mean_s']:>8.1f} "
+              f"{r['max_s']:>7.0f} {r['share']:>6.1%}" for r in rep["rules"]]
+    if rep["phases"]:
+        lines += ["", "phases from the jobs' result.json (share: of those jobs' time; other: "
+                  "the rest of it)",
+                  f"{'rule':<22} {'phase':<12} {'jobs':>5} {'total s':>9} {'mean s':>8} "
+                  f"{'share':>7}"]
+        lines += [f"{r['rule']:<22} {r['phase']:<12} {r['jobs']:>5} {r['total_s']:>9.1f} "
+                  f"{r['mean_s']:>8.2f} {r['share']:>6.1%}" for r in rep["phases"]]
+    return "\n".join(lines)
+
+
+def run_demo(cores: int, target: str, config_args: list[str]) -> tuple[Path, float]:
+    """Run the demo in a fresh folder holding this checkout's HEAD; the folder and its wall s."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"],
+                             capture_output=True)
+    if archive.returncode:
+        raise BenchError(f"git archive HEAD in {REPO} failed: "
+                         f"{archive.stderr.decode(errors='replace').strip()}")
+    workdir = Path(tempfile.mkdtemp(prefix="kcd-bench-demo-"))
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(workdir, filter="data")
+    cmd = [sys.executable, "-m", "snakemake", "--cores", str(cores), target]
+    if config_args:
+        cmd += ["--config", *config_args]
+    out = workdir / "snakemake.out"
+    print(f"running `{' '.join(cmd)}` in {workdir} (Snakemake's output: {out})", flush=True)
+    start = time.perf_counter()
+    with out.open("w") as stream:
+        proc = subprocess.run(cmd, cwd=workdir, env={**os.environ, "PYTHONPATH": str(workdir)},
+                              stdout=stream, stderr=subprocess.STDOUT)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        raise BenchError(f"snakemake exited with status {proc.returncode} after {_mss(elapsed)}; "
+                         f"its output is in {out}")
+    return workdir, elapsed
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workdir", nargs="?", type=Path, default=Path("."),
+                        help="the folder Snakemake ran in (default: the current one)")
+    parser.add_argument("--log", type=Path, help="the Snakemake log (default: WORKDIR's newest)")
+    parser.add_argument("--cores", type=int, default=2,
+                        help="the run's cores, for the efficiency (and --run's Snakemake)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--run", action="store_true",
+                        help="run the demo from this checkout's HEAD in a fresh folder first")
+    parser.add_argument("--target", default="results/tables.md", help="--run's target")
+    parser.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="--run: passed to Snakemake's --config (repeatable)")
+    args = parser.parse_args(argv)
+    if args.run and (args.log or args.workdir != Path(".")):
+        parser.error("--run makes its own folder; it takes no WORKDIR or --log")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        workdir, measured = (run_demo(args.cores, args.target, args.config_arg) if args.run
+                             else (args.workdir, None))
+        rep = report(parse_log(args.log or find_log(workdir)), workdir, args.cores)
+    except BenchError as e:
+        print(f"bench_demo: error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(rep))
+    if measured is not None:
+        rep.update(run_dir=str(workdir), measured_wall_s=measured)
+        print(f"\nrun folder: {workdir} (Snakemake took {_mss(measured)})")
+    if args.json:
+        args.json.write_text(json.dumps(rep, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""bench/bench_demo.py on a synthetic Snakemake log: per-rule times, wall, efficiency, phases."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# four jobs of two rules: pretrain 40 s and 60 s, distill 30 s and 40 s; wall 1:40
+LOG = """\
+Building DAG of jobs...
+Job stats:
+job         count
+--------  -------
+distill         2
+pretrain        2
+total           4
+
+Select jobs to execute...
+Execute 2 jobs...
+[Wed Dec  2 05:00:00 2026]
+localrule pretrain:
+    input: results/init/a.pt
+    output: results/models/a/final.pt, results/models/a/result.json
+    log: results/logs/a.log
+    jobid: 1
+    reason: Missing output files: results/models/a/final.pt
+    wildcards: arch=a
+[Wed Dec  2 05:00:00 2026]
+rule pretrain:
+    output: results/models/b/final.pt, results/models/b/result.json
+    jobid: 2
+    resources: tmpdir=/tmp
+[Wed Dec  2 05:00:40 2026]
+Finished jobid: 1 (Rule: pretrain)
+1 of 4 steps (25%) done
+Execute 1 jobs...
+[Wed Dec  2 05:00:40 2026]
+localrule distill:
+    output: results/runs/c/final.pt
+    jobid: 3
+[Wed Dec  2 05:01:00 2026]
+Finished jobid: 2
+2 of 4 steps (50%) done
+[Wed Dec  2 05:01:00 2026]
+localrule distill:
+    output: results/runs/d/final.pt
+    jobid: 4
+[Wed Dec  2 05:01:10 2026]
+Finished jobid: 3 (Rule: distill)
+3 of 4 steps (75%) done
+[Wed Dec  2 05:01:40 2026]
+Finished jobid: 4 (Rule: distill)
+4 of 4 steps (100%) done
+Complete log(s): .snakemake/log/2026-12-02T050000.000000.snakemake.log
+"""
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_demo", REPO / "bench" / "bench_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_demo"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_demo = _load()
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    _write(tmp_path / ".snakemake" / "log" / "2026-12-01T010000.000000.snakemake.log",
+           "an older run\n")
+    _write(tmp_path / ".snakemake" / "log" / "2026-12-02T050000.000000.snakemake.log", LOG)
+    results = tmp_path / "results"
+    _write(results / "models" / "a" / "result.json",
+           json.dumps({"acc": 0.5, "phases": {"setup": 5, "train": 30.0, "evaluate": 2}}))
+    _write(results / "models" / "b" / "result.json", json.dumps({"phases": ["train"]}))  # odd
+    _write(results / "runs" / "c" / "result.json", json.dumps({"phases": {"setup": 4,
+                                                                          "train": 20}}))
+    _write(results / "runs" / "d" / "result.json", "{not json")
+    return tmp_path
+
+
+def test_rules_wall_efficiency_and_phases(run_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_demo.main([str(run_dir), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads(out.read_text())
+
+    assert rep["log"].endswith("2026-12-02T050000.000000.snakemake.log")  # the newest
+    assert rep["wall_s"] == 100 and rep["jobs"] == 4 and rep["job_s"] == 170
+    assert rep["complete"] is True and rep["unfinished"] == 0
+    assert rep["efficiency"] == pytest.approx(170 / (100 * 2))
+    assert [(r["rule"], r["jobs"], r["total_s"], r["mean_s"], r["max_s"]) for r in rep["rules"]] \
+        == [("pretrain", 2, 100, 50, 60), ("distill", 2, 70, 35, 40)]
+    assert rep["rules"][0]["share"] == pytest.approx(100 / 170)
+
+    # only jobs 1 (pretrain, 40 s) and 3 (distill, 30 s) have usable phases; top costs first
+    phases = [(r["rule"], r["phase"], r["jobs"], r["total_s"]) for r in rep["phases"]]
+    assert phases == [("pretrain", "train", 1, 30), ("distill", "train", 1, 20),
+                      ("distill", "other", 1, 6), ("pretrain", "setup", 1, 5),
+                      ("distill", "setup", 1, 4), ("pretrain", "other", 1, 3),
+                      ("pretrain", "evaluate", 1, 2)]
+    assert rep["phases"][0]["share"] == pytest.approx(30 / 40)
+
+    assert "wall 1:40" in text and "parallel efficiency 0.85" in text and "4 jobs" in text
+    rule_lines = [line.split() for line in text.splitlines()
+                  if line.split()[:1] in (["pretrain"], ["distill"])]
+    assert rule_lines[0][:3] == ["pretrain", "2", "100"]
+    assert rule_lines[1][:3] == ["distill", "2", "70"]
+    assert ["distill", "other", "1", "6.0"] in [line[:4] for line in rule_lines]
+
+
+def test_log_option_cores_and_an_incomplete_run(run_dir, capsys):
+    log = run_dir / "partial.log"
+    log.write_text(LOG.split("[Wed Dec  2 05:01:40 2026]")[0])  # job 4 never finishes
+    assert bench_demo.main([str(run_dir), "--log", str(log), "--cores", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "3 jobs finished, 1 started but not finished" in text and "NOT complete" in text
+    assert "wall 1:10" in text and "parallel efficiency 1.86" in text  # 130 s / (70 s x 1)
+
+
+@pytest.mark.parametrize("where", ["workdir", "log"])
+def test_a_missing_log_is_one_line_and_status_2(tmp_path, capsys, where):
+    missing = tmp_path / "nowhere"
+    argv = [str(missing)] if where == "workdir" else ["--log", str(missing)]
+    assert bench_demo.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench_demo: error: ")
+    assert str(missing) in lines[0] and "make demo" in lines[0] and "--log" in lines[0]
+
+
+def test_run_arguments():
+    args = bench_demo.parse_args(["--run", "--cores", "3", "--target", "results/table7.csv",
+                                  "--config-arg", "seeds=[0,1,2]", "--config-arg", "x=1"])
+    assert args.run and args.cores == 3 and args.target == "results/table7.csv"
+    assert args.config_arg == ["seeds=[0,1,2]", "x=1"]
+    assert bench_demo.parse_args([]).target == "results/tables.md"
+    with pytest.raises(SystemExit) as exit_:
+        bench_demo.parse_args(["--run", "somewhere"])
+    assert exit_.value.code == 2
