@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow bench clean-demo
+.PHONY: install demo demo-seeds test test-slow bench bench-demo clean-demo
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/snakemake --cores $(CORES) results/tables.md
 
+demo-seeds: install  # the demo's tables with three student seeds: mean ± std in every cell
+	$(BIN)/snakemake --cores $(CORES) results/tables.md --config 'seeds=[0,1,2]'
+
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
@@ -29,6 +32,9 @@ bench: install
 	$(BIN)/python bench/bench_statistics.py
 	$(BIN)/python bench/bench_distill_step.py
 	$(BIN)/python bench/bench_launch.py
+
+bench-demo: install  # the demo from scratch in a fresh copy of HEAD: wall time, per-rule job times
+	$(BIN)/python bench/bench_demo.py --run --cores $(CORES)
 
 clean-demo:
 	rm -rf results resources .snakemake

@@ -261,7 +261,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
                 raise KcdError(f"missing key {where}.{name}")
             continue
         value = data[name]
-        sub = _NESTED.get((cls.__name__, name))
+        sub = _nested(cls, name)
         if sub is not None and value is not None:
             if isinstance(value, list):
                 value = [from_dict(sub, v, f"{where}.{name}[{i}]") for i, v in enumerate(value)]
@@ -319,13 +319,12 @@ def to_dict(spec: Any) -> dict:
     return dataclasses.asdict(spec)
 
 
-_NESTED = {
-    ("TrainSpec", "data"): DataSpec,
-    ("TrainSpec", "recipe"): Recipe,
-    ("TrainSpec", "distill"): DistillSpec,
-    ("DistillSpec", "layers"): LayerPair,
-    ("StatisticsSpec", "data"): DataSpec,
-    ("DetectionSpec", "data"): DataSpec,
-    ("DetectionSpec", "recipe"): Recipe,
-    ("DetectionSpec", "distill"): DetectionDistill,
-}
+def _nested(cls: type, name: str) -> type | None:
+    """The dataclass a field holds (itself, optional, or in a list), read from its type."""
+    hint = _field_types(cls)[name]
+    for candidate in (hint, *typing.get_args(hint)):
+        inner = typing.get_args(candidate) if typing.get_origin(candidate) is list else ()
+        for t in (candidate, *inner):
+            if dataclasses.is_dataclass(t):
+                return t
+    return None

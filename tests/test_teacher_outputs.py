@@ -171,3 +171,20 @@ def test_plans_decode_image_folders_only_without_augmentation(tiny_cfg):
     spec = plans.pretrain_spec("imagenet", "resnet18", 0)
     assert spec["data"]["decoded"] == folder
     assert plans.decode_spec("imagenet", "val")["data"]["decoded"] is None
+
+
+def test_the_commands_take_the_workflows_specs(teacher, demo_root, tmp_path):
+    from kcd.cli import main
+
+    cfg, tmp, weights = teacher
+    data = {"name": "cifar100", **{k: v for k, v in cfg["datasets"]["cifar100"].items()
+                                   if k != "num_classes"}}
+    spec = {"teacher": "resnet20", "teacher_weights": weights, "num_classes": 100,
+            "data": data, "split": "val", "layers": ["layer3"], "out": str(tmp_path / "v.pt")}
+    assert main(["teacher-outputs", "--spec", json.dumps(spec), "-q"]) == 0
+    assert len(load(spec["out"], "resnet20", weights, from_dict(DataSpec, data), "val",
+                    ["layer3"])) == 400  # the tiny test split (fewer than the eval_limit)
+    image_data = {"name": "imagenet", "root": str(demo_root / "imagenet"), "image_size": 24}
+    decode_spec = {"data": image_data, "split": "val", "out": str(tmp_path / "val.pt")}
+    assert main(["decode", "--spec", json.dumps(decode_spec), "-q"]) == 0
+    assert (tmp_path / "val.pt").exists()
