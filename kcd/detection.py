@@ -516,6 +516,9 @@ def _check_recipe(r: Recipe) -> None:
         raise KcdError("recipe needs iterations >= 1, batch_size >= 1 and lr > 0")
     if r.micro_batches != 1:
         raise KcdError("recipe.micro_batches is not supported for detection; set it to 1")
+    if r.precision != "fp32":
+        raise KcdError(f"recipe.precision {r.precision!r} is not supported for detection (it "
+                       "trains in fp32); set recipes.coco.*.precision to fp32")
 
 
 def _lr(spec: DetectionSpec, step: int) -> float:

@@ -31,6 +31,8 @@ class DataSpec:
     image_size: int | None = None  # imagenet/coco; CIFAR is always 32
     fast_loader: bool = True  # tensor-resident batches when the split fits in memory
     workers: int = 0  # DataLoader workers for the standard (PIL) path
+    pin_memory: bool = True  # page-locked batches for non-blocking copies (CUDA only)
+    prefetch_factor: int = 2  # batches each worker prepares ahead (with workers > 0)
     eval_limit: int | None = None  # evaluate on the first N evaluation images only
     download: bool = False  # let torchvision fetch CIFAR-100 into root (cluster use)
     augment: bool = True  # training augmentation (crop + flip); false: the evaluation transform
@@ -55,6 +57,8 @@ class Recipe:
     channels_last: bool = True
     micro_batches: int = 1  # split each batch (strided) and accumulate gradients
     grad_clip: float | None = None  # clip the gradient's total norm (None: the paper's recipes)
+    precision: str = "fp32"  # "bf16": forward passes under bf16 autocast on CUDA (CPU: fp32)
+    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the fixed shapes
 
 
 @dataclass
@@ -178,8 +182,9 @@ class DetectionSpec:
 # Fields that change how a job runs, not what it computes. The workflow passes them apart
 # from the spec (``--runtime``), so changing one re-runs nothing; a checkpoint written under
 # other values still resumes.
-RUNTIME_FIELDS = {"recipe": ("log_every", "checkpoint_every", "eval_batch_size"),
-                  "data": ("workers",)}
+RUNTIME_FIELDS = {"recipe": ("log_every", "checkpoint_every", "eval_batch_size",
+                             "cudnn_benchmark"),
+                  "data": ("workers", "pin_memory", "prefetch_factor")}
 
 
 def split_runtime(spec: dict) -> tuple[dict, dict]:

@@ -67,6 +67,10 @@ from kcd.transforms import ChannelTransform, DynamicMatching, check_transform, l
 # --------------------------------------------------------------------------- theta0
 
 
+PRECISIONS = ("fp32", "bf16")
+"""``recipe.precision``: fp32, or bf16 autocast of the forward passes (CUDA only)."""
+
+
 def init_weights(arch: str, seed: int, num_classes: int, path: str | os.PathLike) -> Path:
     """Write theta0 of ``arch`` for ``seed``: the weights every run of this student starts from."""
     torch.manual_seed(seed)
@@ -321,6 +325,13 @@ class _Classification(RunTask):
         world = self.world
         device = self.device = torch.device(
             f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if r.precision not in PRECISIONS:
+            raise KcdError(f"recipe.precision {r.precision!r} is not one of "
+                           f"{', '.join(PRECISIONS)}")
+        # bf16 autocast where it pays (CUDA); on a CPU it is many times slower: fp32 there
+        self.precision = "bf16" if r.precision == "bf16" and device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = r.cudnn_benchmark
         if r.micro_batches < 1 or r.batch_size % (world * r.micro_batches):
             raise KcdError(f"recipe.batch_size {r.batch_size} is not divisible by {world} "
                            f"process(es) x {r.micro_batches} micro-batch(es)")
@@ -398,8 +409,10 @@ class _Classification(RunTask):
             if index:  # the teacher's cached answers to these images
                 answers = distill.cached.take(index[0][i::m] if m > 1 else index[0],
                                               [t for t, _, _ in distill.pairs])
-            got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it,
-                                 answers)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.precision == "bf16"):
+                got = _forward_terms(self.model, distill, self.s_tap, self.t_tap, xi, yi, k, it,
+                                     answers)
             loss = self.guard.total(got, it)  # checked by the run loop, no sync per step
             (loss / m).backward()
             for name, v in got.items():
@@ -461,6 +474,7 @@ class _Classification(RunTask):
             result = self._evaluate()
         result.update(
             iterations=r.iterations,
+            precision=self.precision,
             train_seconds=round(train_seconds, 2),
             arch=spec.arch,
             seed=spec.seed,

@@ -32,6 +32,7 @@ def tiny_config(demo_root: Path, results: Path, **recipe) -> dict:
     r.update(recipe)
     cfg["recipes"] = {"cifar100": {"default": dict(r)}, "imagenet": {"default": dict(r)}}
     cfg["methods"]["ab"]["init_iterations"] = 2
+    cfg["methods"]["rco"]["anchors"] = 3  # two intermediate teacher checkpoints, then the final
     cfg.pop("ablations")  # the demo's ablation settings do not fit 3 classes
     cfg.pop("figure1")
     return cfg

@@ -106,7 +106,7 @@ def test_transform_arguments_and_names_come_from_one_grammar(demo):
 
     assert demo.transform_args("greedy-kl-k10") == ["--strategy", "greedy", "--metric", "kl",
                                                     "--groups", "10"]
-    assert demo.learned_args() == ["--steps", "30", "--lr", "0.001", "--batch-size", "64"]
+    assert demo.learned_args() == ["--steps", "20", "--lr", "0.001", "--batch-size", "32"]
     assert tuple(LEARNED_STRATEGIES) == tuple(LEARNED_KINDS)
 
 

@@ -78,7 +78,7 @@ def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "kcd: error: --runtime: recipe.lr is not a run-time field "
-        "(known: log_every, checkpoint_every, eval_batch_size)"]
+        "(known: log_every, checkpoint_every, eval_batch_size, cudnn_benchmark)"]
     assert not (tmp_path / "run").exists()
 
 

@@ -281,3 +281,25 @@ def test_grad_clip_bounds_the_first_update(tiny_cfg, tmp_path):
                 for k in before if before[k].is_floating_point() and "running" not in k
                 and "num_batches" not in k)
     assert 0 < moved.sqrt() <= lr * clip * (1 + 1e-4)
+
+
+def test_precision_is_a_recipe_field_recorded_in_the_run(tiny_cfg, tmp_path, monkeypatch):
+    # bf16 autocast applies on CUDA only: asked for on this CPU, the run records fp32, and
+    # the forward passes ran under a disabled autocast
+    cfg, _ = tiny_cfg
+    cfg = json.loads(json.dumps(cfg))
+    cfg["recipes"]["cifar100"]["default"].update(precision="bf16", iterations=2)
+    seen = []
+    real = torch.autocast
+
+    def spy(device_type, *args, **kwargs):
+        seen.append((device_type, kwargs.get("enabled")))
+        return real(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", spy)
+    _, spec, result = _pretrain(cfg, tmp_path, "resnet20_0.5x")
+    assert spec.recipe.precision == "bf16" and result["precision"] == "fp32"
+    assert seen and all(s == ("cpu", False) for s in seen)
+    cfg["recipes"]["cifar100"]["default"]["precision"] = "fp16"
+    with pytest.raises(KcdError, match="precision"):
+        validate_config(cfg)

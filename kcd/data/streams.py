@@ -57,13 +57,16 @@ class SampleStream:
     """An endless, resumable stream of batches from a map-style dataset (standard path)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 0) -> None:
+                 world_size: int = 1, workers: int = 0, pin_memory: bool = False,
+                 prefetch_factor: int = 2) -> None:
         self.items = _SeededItems(dataset)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.workers = workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor if workers > 0 else None
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded
         n = len(dataset)  # type: ignore[arg-type]
@@ -88,6 +91,7 @@ class SampleStream:
         while True:
             batches = self._epoch_batches(self.epoch)[self.position:]
             loader = DataLoader(self.items, batch_sampler=batches, num_workers=self.workers,
+                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                                 persistent_workers=False)
             for x, y, index in loader:
                 self.position += 1
@@ -130,7 +134,9 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
     dataset = build_dataset(data.name, data.root, "train", train_transform=data.augment,
                             image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
-                        workers=data.workers)
+                        workers=data.workers,
+                        pin_memory=data.pin_memory and torch.cuda.is_available(),
+                        prefetch_factor=data.prefetch_factor)
 
 
 def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
@@ -160,4 +166,6 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
     if data.fast_loader and data.name in CIFAR_READERS and not isinstance(dataset, Subset):
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=False,
                                            augment=False, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.workers,
+                      pin_memory=data.pin_memory and torch.cuda.is_available(),
+                      prefetch_factor=data.prefetch_factor if data.workers > 0 else None)
