@@ -128,16 +128,20 @@ def _recipe_cells(spec: dict) -> dict:
 
 
 # Algorithm 1's order, for the summary (rules not listed come after, in dry-run order).
-_RULE_ORDER = ("demo_data", "init", "pretrain", "statistics", "transform", "learned_transform",
+_RULE_ORDER = ("demo_data", "decode", "init", "pretrain", "teacher_outputs", "statistics",
+               "transform", "learned_transform",
                "distill", "overlap", "feature_consistency", "figure1", "consistency_heatmap",
                "table", "tables_md")
 
 
 def _limits(spec: dict) -> str:
-    """Settings that shrink a job below the paper's (demo scale only): clipping, image caps."""
+    """Settings that shrink a job below the paper's (demo scale only): clipping, image caps,
+    training without augmentation."""
+    data = spec.get("data") or {}
     found = {"grad_clip": (spec.get("recipe") or {}).get("grad_clip"),
-             "eval_limit": (spec.get("data") or {}).get("eval_limit"),
-             "max_images": spec.get("max_images")}
+             "eval_limit": data.get("eval_limit"),
+             "max_images": spec.get("max_images"),
+             "augment": False if data.get("augment") is False else None}
     return " ".join(f"{k}={v}" for k, v in found.items() if v is not None)
 
 
