@@ -59,6 +59,9 @@ class NullTracker:
         pass
 
 
+TIMINGS = ("train_seconds", "phases")
+"""Keys of a result that time the run: two runs computing the same thing differ only there."""
+
 RESULT_PARAMS = ("iterations", "seed", "train_seconds", "eval_images")
 """Numbers of a result that describe the run rather than measure it: tracked as params."""
 

@@ -28,7 +28,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm-cluster.sh"
 LAUNCH = [sys.executable, "-m", "kcd.launch", "--launcher", "slurm"]
-HEAVY_RULES = ("init", "pretrain", "statistics", "distill")  # rules that call kcd.launch
+def _heavy_rules() -> set[str]:
+    """The rules whose command goes through kcd.launch (read from the rule files)."""
+    rules = set()
+    for path in (REPO / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]:
+            if "{resources.launch}" in block:
+                rules.add(block.split(":", 1)[0].strip())
+    return rules
+
+
+HEAVY_RULES = _heavy_rules()
 JOB_LINE = re.compile(r"kcd\.launch: slurm job (\d+)")
 UNAVAILABLE = 3  # scripts/slurm-cluster.sh: SLURM cannot be installed or started here
 
@@ -378,8 +388,10 @@ def _results(results: Path) -> dict[str, dict]:
     """Every result.json below ``results`` by relative path, less its timings."""
     import json
 
+    from kcd.run import TIMINGS
+
     return {str(p.relative_to(results)): {k: v for k, v in json.loads(p.read_text()).items()
-                                         if not k.endswith("_seconds")}
+                                         if k not in TIMINGS}
             for p in sorted(results.rglob("result.json"))
             if "mlartifacts" not in p.parts}  # MLflow's copies, under each run's own id
 
