@@ -14,6 +14,9 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
   checkpoint (here: model, optimizers, scheduler, loss modules, data stream, and every RNG
   state) every ``checkpoint_every`` iterations; a rerun of the same command resumes from it,
   ending bit-identical to an uninterrupted run on the CPU;
+- reads the teacher's answers from its cached outputs (:mod:`kcd.teacher_outputs`) when the
+  spec names them: at evaluation, and at every step when the training images are not
+  augmented (the stream then yields each batch's dataset indices);
 - stops on a NaN/inf loss with an error naming the iteration and the loss term;
 - runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks); each
   rank takes a strided share of every global batch, so the processes together see exactly the
