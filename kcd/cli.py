@@ -319,16 +319,11 @@ def cmd_statistics(args: argparse.Namespace) -> None:
 
 def cmd_decode(args: argparse.Namespace) -> None:
     from kcd.data.decoded import decode
-    from kcd.specs import DataSpec, from_dict
+    from kcd.specs import DecodeSpec, from_dict
 
-    spec = _json_arg(args.spec, "--spec")
-    unknown = sorted(set(spec) - {"data", "split", "out"})
-    if unknown or not all(k in spec for k in ("data", "split", "out")):
-        raise KcdError("--spec of `kcd decode` needs exactly the keys data, split and out"
-                       + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
-    data = from_dict(DataSpec, spec["data"], "data")
-    out = decode(data, str(spec["split"]), spec["out"], progress=not args.quiet)
-    _summary(f"decoded the {spec['split']} split of {data.name} in {data.root} -> {out}")
+    spec = from_dict(DecodeSpec, _json_arg(args.spec, "--spec"))
+    out = decode(spec.data, spec.split, spec.out, progress=not args.quiet)
+    _summary(f"decoded the {spec.split} split of {spec.data.name} in {spec.data.root} -> {out}")
 
 
 def cmd_teacher_outputs(args: argparse.Namespace) -> None:

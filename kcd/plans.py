@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from typing import Any, Callable
 
 from kcd.config import (
@@ -29,7 +30,7 @@ from kcd.layout import Layout
 from kcd.losses import BASELINE, LOSSES
 from kcd.models import model_spec
 from kcd.naming import NO_TRANSFORM, parse_transform_name
-from kcd.specs import TeacherOutputsSpec, to_dict
+from kcd.specs import DecodeSpec, TeacherOutputsSpec, to_dict
 from kcd.tables import (
     ABLATION_TITLES,
     ABLATIONS,
@@ -84,9 +85,9 @@ class Plans:
 
     def decode_spec(self, ds: str, split: str) -> dict:
         """``kcd decode --spec``: one split of an image-folder dataset, decoded once."""
-        data = to_dict(data_spec(self.cfg, ds))
-        data["decoded"] = None
-        return {"data": data, "split": split, "out": f"{self.layout.decoded(ds)}/{split}.pt"}
+        data = replace(data_spec(self.cfg, ds), decoded=None)
+        return to_dict(DecodeSpec(data=data, split=split,
+                                  out=f"{self.layout.decoded(ds)}/{split}.pt"))
 
     DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
                     "imagenet": "imagenet", "coco": "coco"}  # kcd.data.demo's folders

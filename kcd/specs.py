@@ -130,6 +130,15 @@ class StatisticsSpec:
 
 
 @dataclass
+class DecodeSpec:
+    """One split of an image-folder dataset, decoded once (:mod:`kcd.data.decoded`)."""
+
+    data: DataSpec
+    split: str
+    out: str
+
+
+@dataclass
 class TeacherOutputsSpec:
     """A teacher's logits and features on one split, computed once (:mod:`kcd.teacher_outputs`)."""
 

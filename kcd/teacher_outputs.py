@@ -23,6 +23,7 @@ running the teacher.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -43,7 +44,14 @@ VERSION = 1
 
 
 def weights_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a weights file's bytes (the fingerprint's link to the teacher)."""
+    """SHA-256 of a weights file's bytes (the fingerprint's link to the teacher); read once per
+    process while the file's size and modification time stay the same."""
+    stat = os.stat(path)
+    return _hash_file(os.fspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_file(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
