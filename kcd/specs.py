@@ -59,6 +59,9 @@ class Recipe:
     grad_clip: float | None = None  # clip the gradient's total norm (None: the paper's recipes)
     precision: str = "fp32"  # "bf16": forward passes under bf16 autocast on CUDA (CPU: fp32)
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels for the fixed shapes
+    # on a CPU: the weight gradients oneDNN computes slowly (depthwise convolutions, k x k ones
+    # on maps of <= 4 pixels) by per-tap products instead (kcd.models.small_conv)
+    cpu_small_conv_grads: bool = True
 
 
 @dataclass
@@ -192,7 +195,7 @@ class DetectionSpec:
 # from the spec (``--runtime``), so changing one re-runs nothing; a checkpoint written under
 # other values still resumes.
 RUNTIME_FIELDS = {"recipe": ("log_every", "checkpoint_every", "eval_batch_size",
-                             "cudnn_benchmark"),
+                             "cudnn_benchmark", "cpu_small_conv_grads"),
                   "data": ("workers", "pin_memory", "prefetch_factor")}
 
 

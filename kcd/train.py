@@ -50,6 +50,7 @@ from kcd.features import FeatureTap, feature_shapes
 from kcd.losses import BASELINE, LOSSES, build_loss
 from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
+from kcd.models.small_conv import use_small_conv_grads
 from kcd.run import (
     CHECKPOINT,
     FINAL,
@@ -343,6 +344,9 @@ class _Classification(RunTask):
         student = self.student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
         distill = self.distill = _Distillation(spec, student, device)
         student.to(device)
+        # on a CPU, the convolutions whose weight gradients oneDNN computes slowly
+        self.small_conv_grads = (use_small_conv_grads(student)
+                                 if r.cpu_small_conv_grads and device.type == "cpu" else 0)
         self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         student.to(memory_format=self.memory_format)
         if distill.teacher is not None:
@@ -478,6 +482,7 @@ class _Classification(RunTask):
         result.update(
             iterations=r.iterations,
             precision=self.precision,
+            small_conv_grads=self.small_conv_grads,
             train_seconds=round(train_seconds, 2),
             arch=spec.arch,
             seed=spec.seed,

@@ -78,7 +78,8 @@ def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         "kcd: error: --runtime: recipe.lr is not a run-time field "
-        "(known: log_every, checkpoint_every, eval_batch_size, cudnn_benchmark)"]
+        "(known: log_every, checkpoint_every, eval_batch_size, cudnn_benchmark, "
+        "cpu_small_conv_grads)"]
     assert not (tmp_path / "run").exists()
 
 

@@ -1,0 +1,107 @@
+"""kcd.models.small_conv: the same gradients as PyTorch's, and where it applies."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kcd.models import build_model, small_conv
+from kcd.models.small_conv import SmallConv2d, use_small_conv_grads
+
+
+def _grads(conv: nn.Module, x: torch.Tensor, seed: int = 0):
+    x = x.detach().clone().requires_grad_()
+    out = conv(x)
+    torch.manual_seed(seed)
+    out.backward(torch.randn_like(out))
+    return out.detach(), x.grad, [p.grad for p in conv.parameters()]
+
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, map size)
+CASES = [
+    (48, 48, 3, 1, 1, 1, 48, False, 16),   # depthwise on a large map
+    (96, 96, 3, 2, 1, 1, 96, False, 8),    # depthwise, strided
+    (480, 480, 3, 1, 1, 1, 480, False, 1),  # depthwise on a 1x1 map (MobileNetV2's worst)
+    (32, 32, 5, 1, 4, 2, 32, True, 6),     # depthwise, dilated, with bias
+    (64, 128, 3, 1, 1, 1, 1, False, 2),    # dense 3x3 on a 2x2 map
+    (64, 128, 3, 2, 1, 1, 1, True, 2),     # dense, strided to 1x1, with bias
+    (16, 8, 3, 1, 1, 1, 1, False, 1),      # dense on a 1x1 map
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, pad, dil, groups, bias, size", CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_equal_pytorch(cin, cout, k, stride, pad, dil, groups, bias, size,
+                                 channels_last):
+    torch.manual_seed(0)
+    native = nn.Conv2d(cin, cout, k, stride, pad, dil, groups, bias)
+    fast = copy.deepcopy(native)
+    assert use_small_conv_grads(fast) == 1 and type(fast) is SmallConv2d
+    x = torch.randn(4, cin, size, size)
+    if channels_last:
+        native, fast = (m.to(memory_format=torch.channels_last) for m in (native, fast))
+        x = x.contiguous(memory_format=torch.channels_last)
+    calls = []
+    real = torch.nn.grad.conv2d_input
+    out_a, gx_a, gp_a = _grads(native, x)
+    try:  # the shifted-product path ran (it asks PyTorch for the input gradient only)
+        torch.nn.grad.conv2d_input = lambda *a, **k: calls.append(1) or real(*a, **k)
+        out_b, gx_b, gp_b = _grads(fast, x)
+    finally:
+        torch.nn.grad.conv2d_input = real
+    assert calls == [1]
+    torch.testing.assert_close(out_b, out_a)
+    assert len(gp_b) == len(gp_a) == 1 + bias
+    for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):  # float rounding of sums of ~1000 terms
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_pytorch_path_where_it_does_not_pay(monkeypatch):
+    """Dense convolutions on maps over 4 pixels, 1x1 convolutions, grouped (not depthwise)
+    ones, no-grad passes and frozen weights keep PyTorch's own path."""
+    dense = nn.Conv2d(8, 8, 3, padding=1)
+    assert use_small_conv_grads(dense) == 1
+    assert use_small_conv_grads(nn.Conv2d(8, 16, 1)) == 0
+    assert use_small_conv_grads(nn.Conv2d(8, 16, 3, groups=2)) == 0
+    assert use_small_conv_grads(nn.Conv2d(8, 8, 3, padding="same")) == 0
+    applied = []
+    real = small_conv._ShiftedProductConv
+
+    class Watch:
+        @staticmethod
+        def apply(*args):
+            applied.append(args[0].shape[-2:])
+            return real.apply(*args)
+
+    monkeypatch.setattr(small_conv, "_ShiftedProductConv", Watch)
+    dense(torch.randn(2, 8, 3, 3)).sum().backward()      # 9 pixels: PyTorch's path
+    with torch.no_grad():
+        dense(torch.randn(2, 8, 2, 2))                   # no gradients: PyTorch's path
+    dense.weight.requires_grad_(False)
+    dense(torch.randn(2, 8, 2, 2, requires_grad=True)).sum().backward()  # frozen weights
+    dense.weight.requires_grad_(True)
+    assert applied == []
+    dense(torch.randn(2, 8, 2, 2)).sum().backward()      # 4 pixels: the shifted products
+    assert applied == [(2, 2)]
+
+
+def test_a_model_switched_keeps_its_state_and_gradients():
+    torch.manual_seed(0)
+    native = build_model("mobilenetv2_0.5x", num_classes=10)
+    fast = copy.deepcopy(native)
+    for m in (native, fast):  # dropout's random masks would differ between the two passes
+        for d in m.modules():
+            if isinstance(d, nn.Dropout):
+                d.p = 0.0
+    keys = list(native.state_dict())
+    assert use_small_conv_grads(fast) == 18       # 17 depthwise + the first 3x3 stem
+    assert use_small_conv_grads(fast) == 18       # idempotent
+    assert list(fast.state_dict()) == keys
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for m in (native, fast):
+        F.cross_entropy(m(x), y).backward()
+    for (name, a), b in zip(native.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
