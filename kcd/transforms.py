@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from kcd.checkpoint import atomic_save, load_format
 from kcd.consistency import ConsistencyStatistics, diagonal_consistency, gamma
+from kcd.models.small_conv import use_small_conv_grads
 from kcd.errors import KcdError
 from kcd.features import global_avg_pool
 from kcd.registry import Registry
@@ -343,6 +344,8 @@ def fit_learned_transform(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = LearnedTransform(kind, c_t, c_s).to(first_t.device)
+    if first_t.device.type == "cpu":  # its 3x3 convolutions on pooled 1x1 maps: 2x per step
+        use_small_conv_grads(module)
 
     def score(teacher: Tensor, student: Tensor) -> Tensor:
         return diagonal_consistency(_pooled(module(teacher)), _pooled(student).detach(), metric)

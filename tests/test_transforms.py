@@ -183,6 +183,9 @@ def test_fit_subnet_res_runs():
     fitted = fit_learned_transform("subnet-res", pairs, steps=3, meta={"layer": "x"})
     assert fitted.meta["strategy"] == "subnet-res" and fitted.meta["layer"] == "x"
     assert fitted.meta["gamma_before"] is None  # c_T != c_S
+    # on a CPU its 3x3 convolutions take kcd.models.small_conv; the saved state is the same
+    assert sum(type(m).__name__ == "SmallConv2d" for m in fitted.modules()) == 2
+    assert all(k.startswith(("shortcut.", "branch.")) for k in fitted.state_dict())
 
 
 def test_fit_stops_clearly_when_pairs_run_out():
