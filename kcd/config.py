@@ -66,14 +66,30 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def parse_override(text: str) -> dict:
-    """``a.b.c=value`` (value parsed as YAML) -> ``{"a": {"b": {"c": value}}}``."""
+    """``a.b.c=value`` (value parsed as YAML) -> ``{"a": {"b": {"c": value}}}``. A model name
+    with a dot stays one key: ``recipes.imagenet.mobilenetv2_0.5x.lr=0.1``."""
     if "=" not in text:
         raise KcdError(f"override '{text}' is not KEY=VALUE (e.g. recipes.cifar100.default.lr=0.05)")
     key, value = text.split("=", 1)
     out: Any = yaml.safe_load(value)
-    for part in reversed(key.strip().split(".")):
+    for part in reversed(_key_parts(key.strip())):
         out = {part: out}
     return out
+
+
+def _key_parts(key: str) -> list[str]:
+    """``key`` split at its dots, except the dots inside a registered model name."""
+    from kcd.models import model_names
+
+    names = [n for n in model_names() if "." in n]
+    parts: list[str] = []
+    rest = key
+    while rest:
+        name = next((n for n in names if rest == n or rest.startswith(n + ".")), None)
+        head = name or rest.split(".", 1)[0]
+        parts.append(head)
+        rest = rest[len(head) + 1:]
+    return parts
 
 
 SCALES = ("demo", "paper")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kcd.config import coerce_override, load_config, resolve_config
+from kcd.config import coerce_override, load_config, parse_override, resolve_config
 from kcd.errors import KcdError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,3 +122,11 @@ def test_paths_with_a_newline_or_nul_are_refused(config_dir, key):
         load_config([], [f'{key}="a\\nb"'])
     with pytest.raises(KcdError, match=rf"config key {key}:"):
         load_config([], [f'{key}="a\\0b"'])
+
+
+def test_an_override_keeps_a_model_name_with_a_dot_whole():
+    assert parse_override("recipes.imagenet.mobilenetv2_0.5x.lr=0.1") == {
+        "recipes": {"imagenet": {"mobilenetv2_0.5x": {"lr": 0.1}}}}
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    cfg = load_config([], ["recipes.cifar100.resnet20_0.5x.iterations=7"])
+    assert cfg["recipes"]["cifar100"]["resnet20_0.5x"]["iterations"] == 7
