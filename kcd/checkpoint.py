@@ -96,15 +96,17 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """Load a file written by :func:`atomic_save` (weights only), with clear errors."""
+def load_file(path: str | os.PathLike, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """Load a file written by :func:`atomic_save` (weights only), with clear errors.
+    ``mmap``: map the tensors' storage from the file instead of reading it all (the pages a
+    job touches are read when it touches them)."""
     path = Path(path)
     if not path.is_file():
         raise KcdError(f"{what} {path} does not exist; run the step that writes it first")
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, wrong format, pickled code objects...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KcdError(

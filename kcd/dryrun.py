@@ -128,8 +128,8 @@ def _recipe_cells(spec: dict) -> dict:
 
 
 # Algorithm 1's order, for the summary (rules not listed come after, in dry-run order).
-_RULE_ORDER = ("demo_data", "decode", "init", "pretrain", "teacher_outputs", "statistics",
-               "transform", "learned_transform",
+_RULE_ORDER = ("demo_data", "decode", "init", "pretrain", "teacher_outputs", "anchor_outputs",
+               "statistics", "transform", "learned_transform",
                "distill", "overlap", "feature_consistency", "figure1", "consistency_heatmap",
                "table", "tables_md")
 

@@ -7,6 +7,7 @@
     <results>/<ds>/models/<arch>-s<seed>/anchors/iter-<i>.pt       RCO's teacher anchors
     <results>/<ds>/data/<split>.pt                                 a split decoded once (image folders)
     <results>/<ds>/teachers/<T>-s<seed>/<split>.pt                a teacher's outputs on a split
+    <results>/<ds>/teachers/<T>-s<seed>/anchors/iter-<i>.pt       an RCO anchor's, on train
     <results>/<ds>/stats/<T>-<tw>__<S>-<sw>.pt                     statistics of a pair
     <results>/<ds>/transforms/<T>-<tw>__<S>-<sw>/<name>.pt         its transforms
     <results>/<ds>/runs/<T>-s<tseed>__<S>/<method>/<transform>/s<seed>/   distillation runs
@@ -72,6 +73,10 @@ class Layout:
     def teacher_outputs(self, ds: str, teacher: str, seed: object, split: str) -> str:
         """A teacher's logits and features on a split, computed once for all its runs."""
         return f"{self.results}/{ds}/teachers/{teacher}-s{seed}/{split}.pt"
+
+    def anchor_outputs(self, ds: str, teacher: str, seed: object, iteration: int) -> str:
+        """An RCO anchor's logits and features on the training split, computed once."""
+        return f"{self.results}/{ds}/teachers/{teacher}-s{seed}/anchors/iter-{iteration}.pt"
 
     def stats(self, ds: str, teacher: str, tw: str, student: str, sw: str) -> str:
         return f"{self.results}/{ds}/stats/{self.pair_name(teacher, tw, student, sw)}.pt"

@@ -178,8 +178,9 @@ class Plans:
                   "row": row_label(method, transform, self.kcd) or ""},
             **self.dynamic_options(transform),
         ))
-        if method != BASELINE and not spec["distill"]["anchors"]:  # RCO's teacher changes
-            spec["distill"].update(self.cached_teacher_outputs(ds, teacher, tseed))
+        if method != BASELINE:
+            spec["distill"].update(self.cached_teacher_outputs(
+                ds, teacher, tseed, anchors=bool(spec["distill"]["anchors"])))
         return spec
 
     # ------------------------------------------------------------------ teacher outputs
@@ -189,16 +190,25 @@ class Plans:
         once (classification only)."""
         return bool(self.cfg.get("cache_teacher_outputs")) and self.task(ds) == "classification"
 
-    def cached_teacher_outputs(self, ds: str, teacher: str, tseed: object) -> dict:
+    def cached_teacher_outputs(self, ds: str, teacher: str, tseed: object,
+                               anchors: bool = False) -> dict:
         """A run's ``distill.teacher_eval_outputs`` and, when the training images are not
-        augmented, ``distill.teacher_outputs``: the teacher's files (none when not cached)."""
+        augmented, ``distill.teacher_outputs`` (for an RCO run with ``anchors``:
+        ``distill.anchor_outputs``, one file per anchor of its route, the teacher's own
+        last): the teacher's files (none when not cached). The evaluation is the final
+        teacher's, which is also the last anchor."""
         if not self.caches_teacher_outputs(ds):
             return {}
-        fields = {"teacher_eval_outputs": self.layout.teacher_outputs(ds, teacher, tseed,
-                                                                      EVAL_SPLIT)}
+        L = self.layout
+        fields: dict = {"teacher_eval_outputs": L.teacher_outputs(ds, teacher, tseed, EVAL_SPLIT)}
         if not data_spec(self.cfg, ds).augment:
-            fields["teacher_outputs"] = self.layout.teacher_outputs(ds, teacher, tseed,
-                                                                    TRAIN_SPLIT)
+            final = L.teacher_outputs(ds, teacher, tseed, TRAIN_SPLIT)
+            if anchors:
+                fields["anchor_outputs"] = [
+                    L.anchor_outputs(ds, teacher, tseed, i)
+                    for i in anchor_iterations(self.cfg, ds, teacher)] + [final]
+            else:
+                fields["teacher_outputs"] = final
         return fields
 
     def run_teacher_outputs(self, ds: str, teacher: str, tseed: object, student: str,
@@ -207,7 +217,8 @@ class Plans:
         if self.task(ds) == "detection":
             return []
         d = self.distill_spec(ds, teacher, tseed, student, method, transform, seed)["distill"]
-        return [p for p in (d.get("teacher_outputs"), d.get("teacher_eval_outputs")) if p]
+        return [p for p in (d.get("teacher_outputs"), d.get("teacher_eval_outputs"),
+                            *d.get("anchor_outputs", [])) if p]
 
     def teacher_layers(self, ds: str, teacher: str) -> list[str]:
         """Every teacher layer a run may distil: the teacher's distillation layer, and the
@@ -225,6 +236,20 @@ class Plans:
             num_classes=num_classes(self.cfg, ds), data=data_spec(self.cfg, ds), split=split,
             layers=self.teacher_layers(ds, teacher),
             out=L.teacher_outputs(ds, teacher, tseed, split),
+            batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
+
+    def anchor_outputs_spec(self, ds: str, teacher: str, tseed: object, iteration: object
+                            ) -> dict:
+        """``kcd teacher-outputs --spec`` for an RCO anchor (the teacher at ``iteration`` of
+        its pre-training): its answers on the training split at RCO's layer."""
+        L = self.layout
+        layer = model_spec(teacher).default_layer + (
+            ":pre_relu" if method_config(self.cfg, ds, "rco").get("pre_relu") else "")
+        return to_dict(TeacherOutputsSpec(
+            teacher=teacher, teacher_weights=L.anchor(ds, teacher, tseed, int(iteration)),
+            num_classes=num_classes(self.cfg, ds), data=data_spec(self.cfg, ds),
+            split=TRAIN_SPLIT, layers=[layer],
+            out=L.anchor_outputs(ds, teacher, tseed, int(iteration)),
             batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
 
     # ------------------------------------------------------------------ statistics, transforms

@@ -95,6 +95,9 @@ class DistillSpec:
     # split
     teacher_outputs: str | None = None
     teacher_eval_outputs: str | None = None
+    # RCO: each anchor's answers on the (unaugmented) training split, in the order of
+    # ``anchors``; read instead of loading the anchor into the teacher
+    anchor_outputs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +153,7 @@ class TeacherOutputsSpec:
     num_classes: int
     data: DataSpec
     split: str  # train (read by runs on unaugmented images) or val (by every evaluation)
+    # (teacher_weights may be an RCO anchor of the teacher: its outputs on train)
     layers: list[str]  # every teacher layer the pair's runs distil
     out: str
     batch_size: int = 256

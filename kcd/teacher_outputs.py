@@ -127,7 +127,9 @@ def load(path: str, teacher: str, weights: str, data: DataSpec, split: str,
          layers: Sequence[str]) -> TeacherOutputs:
     """The cached outputs in ``path``, checked against the run's own fingerprint and
     ``layers`` (the teacher layers it reads)."""
-    obj = load_file(path, "teacher outputs")
+    # mapped, not read: a run reads the rows of the images it draws (about half an epoch at
+    # demo scale) of the layers it distils, not the whole file (330 MB for CIFAR's train split)
+    obj = load_file(path, "teacher outputs", mmap=True)
     found = obj.get("fingerprint") if isinstance(obj, dict) else None
     if not isinstance(found, dict) or found.get("format") != FORMAT:
         raise KcdError(f"{path} is not a kcd teacher-outputs file; delete it and rerun the "

@@ -16,7 +16,8 @@ One loop serves both: pre-training is a run without a :class:`~kcd.specs.Distill
   ending bit-identical to an uninterrupted run on the CPU;
 - reads the teacher's answers from its cached outputs (:mod:`kcd.teacher_outputs`) when the
   spec names them: at evaluation, and at every step when the training images are not
-  augmented (the stream then yields each batch's dataset indices);
+  augmented (the stream then yields each batch's dataset indices); an RCO run reads each
+  anchor's own (``distill.anchor_outputs``) while that anchor is current;
 - stops on a NaN/inf loss with an error naming the iteration and the loss term;
 - runs under DistributedDataParallel when ``WORLD_SIZE`` > 1 (torchrun or SLURM tasks); each
   rank takes a strided share of every global batch, so the processes together see exactly the
@@ -140,11 +141,14 @@ class _Distillation:
             raise KcdError(f"method '{d.method}' needs distill.teacher and distill.teacher_weights")
         self.teacher = load_model(d.teacher, d.teacher_weights, spec.num_classes, "teacher weights")
         self.teacher.to(device).eval().requires_grad_(False)
-        self.context = DistillContext(d, spec.recipe, self._teacher_loader(d.teacher, device))
+        self.context = DistillContext(d, spec.recipe, self._teacher_loader(spec, device))
         if method.uses_features:
             self.pairs = _layer_pairs(spec)
         self.cached = self._cached(spec, d.teacher_outputs, TRAIN_SPLIT, device)
         self.cached_eval = self._cached(spec, d.teacher_eval_outputs, EVAL_SPLIT, device)
+        self._anchor: int | None = None  # the anchor whose cached answers are in self.cached
+        if d.anchor_outputs:
+            self._cached_anchor(spec, 0, device)
         if not method.uses_features:
             if any(d.transforms):
                 raise KcdError(f"method '{d.method}' distils logits only; a channel transform "
@@ -163,10 +167,11 @@ class _Distillation:
         d = spec.distill
         if not path:
             return None
-        if d.anchors:
-            raise KcdError("distill.anchors replace the teacher during training; cached teacher "
-                           "outputs cannot answer for them (leave distill.teacher_outputs and "
-                           "teacher_eval_outputs empty)")
+        if d.anchors and split == TRAIN_SPLIT:
+            raise KcdError("distill.anchors replace the teacher during training; the final "
+                           "teacher's cached outputs cannot answer for them (leave "
+                           "distill.teacher_outputs empty; distill.anchor_outputs has one file "
+                           "per anchor)")
         if split == TRAIN_SPLIT and spec.data.augment:
             raise KcdError(f"distill.teacher_outputs answer for unaugmented training images; set "
                            f"datasets.{spec.data.name}.augment to false or leave them out")
@@ -207,8 +212,29 @@ class _Distillation:
                 if d.dynamic_every > 0 else None
             )
 
-    def _teacher_loader(self, arch: str, device: torch.device):
+    def _cached_anchor(self, spec: TrainSpec, index: int, device: torch.device) -> None:
+        """Put anchor ``index``'s cached answers (``distill.anchor_outputs``) in place of the
+        teacher's, checked against that anchor's weights."""
+        d = spec.distill
+        if len(d.anchor_outputs) != len(d.anchors):
+            raise KcdError(f"distill.anchor_outputs has {len(d.anchor_outputs)} files for "
+                           f"{len(d.anchors)} anchors; give one per anchor, in route order")
+        if spec.data.augment:
+            raise KcdError(f"distill.anchor_outputs answer for unaugmented training images; set "
+                           f"datasets.{spec.data.name}.augment to false or leave them out")
+        if index != self._anchor:
+            self.cached = load_teacher_outputs(d.anchor_outputs[index], d.teacher,
+                                               d.anchors[index], spec.data, TRAIN_SPLIT,
+                                               [t for t, _, _ in self.pairs]).to(device)
+            self._anchor = index
+
+    def _teacher_loader(self, spec: TrainSpec, device: torch.device):
+        arch, d = spec.distill.teacher, spec.distill
+
         def load(path: str, what: str) -> None:
+            if d.anchor_outputs and path in d.anchors:  # its answers are cached: no weights
+                self._cached_anchor(spec, d.anchors.index(path), device)
+                return
             obj = load_model_weights(path, arch, what)
             self.teacher.load_state_dict(obj["state_dict"])
             self.teacher.to(device).eval()

@@ -104,7 +104,7 @@ def test_a_stale_or_short_cache_is_refused(teacher, tmp_path):
         train(spec, progress=False)
 
 
-def test_plans_give_every_run_but_rco_and_baseline_the_cache(tiny_cfg):
+def test_plans_give_every_run_but_baseline_the_cache(tiny_cfg):
     cfg, _ = tiny_cfg
     cfg = json.loads(json.dumps(cfg))
     cfg["datasets"]["cifar100"]["augment"] = True
@@ -117,7 +117,9 @@ def test_plans_give_every_run_but_rco_and_baseline_the_cache(tiny_cfg):
     kd = distill("kd")
     assert kd["teacher_eval_outputs"].endswith("cifar100/teachers/resnet56-s0/val.pt")
     assert kd["teacher_outputs"] is None  # augmented training images have no cached answers
-    assert distill("rco")["teacher_eval_outputs"] is None
+    rco = distill("rco")  # its evaluation is the final teacher's, the last anchor
+    assert rco["teacher_eval_outputs"] == kd["teacher_eval_outputs"]
+    assert rco["teacher_outputs"] is None and rco["anchor_outputs"] == []
     assert plans.run_teacher_outputs(*run[:4], "baseline", *run[5:]) == []
     assert plans.teacher_layers("cifar100", "resnet56") == ["layer3", "layer3:pre_relu"]
     cfg["datasets"]["cifar100"]["augment"] = False
@@ -126,8 +128,54 @@ def test_plans_give_every_run_but_rco_and_baseline_the_cache(tiny_cfg):
         f"{cfg['results']}/cifar100/teachers/resnet56-s0/{s}.pt" for s in ("train", "val")]
     spec = plans.teacher_outputs_spec("cifar100", "resnet56", 0, "train")
     assert spec["layers"] == ["layer3", "layer3:pre_relu"] and spec["split"] == "train"
+    # RCO on unaugmented images: one file per anchor of its route, the final teacher's last
+    rco = plans.distill_spec(*run[:4], "rco", *run[5:])["distill"]
+    teachers = f"{cfg['results']}/cifar100/teachers/resnet56-s0"
+    assert len(rco["anchors"]) == len(rco["anchor_outputs"]) == 3  # the tiny config's
+    assert rco["anchor_outputs"][-1] == f"{teachers}/train.pt" and rco["teacher_outputs"] is None
+    assert all(p.startswith(f"{teachers}/anchors/iter-") for p in rco["anchor_outputs"][:2])
+    assert plans.run_teacher_outputs(*run[:4], "rco", *run[5:]) == [
+        f"{teachers}/val.pt", *rco["anchor_outputs"]]
+    iteration = int(rco["anchors"][0].rsplit("iter-", 1)[1].removesuffix(".pt"))
+    spec = plans.anchor_outputs_spec("cifar100", "resnet56", 0, iteration)
+    assert spec["teacher_weights"] == rco["anchors"][0] and spec["layers"] == ["layer3"]
+    assert spec["out"] == rco["anchor_outputs"][0] and spec["split"] == "train"
     assert not Plans({**cfg, "cache_teacher_outputs": False}).run_teacher_outputs(
         *run[:4], "kd", *run[5:])
+
+
+def test_an_rco_run_reading_each_anchors_cache_ends_like_one_loading_the_anchors(teacher):
+    cfg, tmp, _ = teacher
+    teacher_dir = tmp / "rco-teacher"
+    train(train_spec(cfg, dataset="cifar100", arch="resnet20", seed=0, theta0=str(tmp / "t0.pt"),
+                     out_dir=str(teacher_dir), save_anchors=True), progress=False)
+    anchors = sorted(str(p) for p in (teacher_dir / "anchors").glob("iter-*.pt"))
+    anchors = sorted(anchors, key=lambda p: int(p.rsplit("-", 1)[1][:-3])) + [
+        str(teacher_dir / FINAL)]
+    assert len(anchors) == 3
+    data = from_dict(DataSpec, {"name": "cifar100", **{k: v for k, v in
+                                cfg["datasets"]["cifar100"].items() if k != "num_classes"}})
+    files = [str(compute("resnet20", a, 100, data, TRAIN_SPLIT, ["layer3"], tmp / f"a{i}.pt",
+                         batch_size=64, progress=False)) for i, a in enumerate(anchors)]
+    results = []
+    for cached in (False, True):
+        spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0,
+                          theta0=str(tmp / "s0.pt"), out_dir=str(tmp / f"rco-{cached}"),
+                          method="rco", teacher="resnet20", teacher_weights=anchors[-1],
+                          anchors=anchors, anchor_outputs=files if cached else [])
+        results.append(train(spec, progress=False))
+    plain, cached = results
+    for key in ("top1", "teacher_kl", "feature_l2", "loss"):
+        assert cached[key] == pytest.approx(plain[key], abs=1e-3), key
+    # a file of another anchor, or one file short, is refused in one line
+    for wrong, message in ((files[::-1], "another weights_sha256"),
+                           (files[:2], "2 files for 3 anchors")):
+        spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0,
+                          theta0=str(tmp / "s0.pt"), out_dir=str(tmp / "rco-wrong"),
+                          method="rco", teacher="resnet20", teacher_weights=anchors[-1],
+                          anchors=anchors, anchor_outputs=wrong)
+        with pytest.raises(KcdError, match=message):
+            train(spec, progress=False)
 
 
 def test_a_decoded_split_gives_the_standard_paths_batches(demo_root, tmp_path):

@@ -22,3 +22,25 @@ rule teacher_outputs:
     shell:
         "{resources.launch} teacher-outputs --spec {params.spec:q} --runtime {resources.run_options:q} "
         "-q > {log:q} 2>&1"
+
+
+# RCO's anchors (the teacher part-way through its pre-training) on the training split, for RCO
+# runs on unaugmented images; the last anchor is the teacher itself (rule teacher_outputs).
+rule anchor_outputs:
+    input:
+        # the pre-training that writes the anchor (anchors are not outputs of their own)
+        teacher=lambda w: L.final(w.ds, w.teacher, w.tseed),
+        data=lambda w: data_input(w.ds),
+    output:
+        L.anchor_outputs("{ds}", "{teacher}", "{tseed}", "{n}"),
+    log:
+        log_path("{ds}", "teachers", "{teacher}-s{tseed}-anchor-{n}"),
+    resources:
+        run_options=runtime_fields(lambda w: P.anchor_outputs_spec(w.ds, w.teacher, w.tseed, w.n)),
+        launch=lambda w: launch("anchor_outputs", f"anchor-outputs-{w.ds}-{w.teacher}-s{w.tseed}-{w.n}", w.ds),
+        gpus=gpus("anchor_outputs"),
+    params:
+        spec=result_fields(lambda w: P.anchor_outputs_spec(w.ds, w.teacher, w.tseed, w.n)),
+    shell:
+        "{resources.launch} teacher-outputs --spec {params.spec:q} --runtime {resources.run_options:q} "
+        "-q > {log:q} 2>&1"
