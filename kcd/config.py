@@ -81,6 +81,9 @@ def _key_parts(key: str) -> list[str]:
     """``key`` split at its dots, except the dots inside a registered model name."""
     from kcd.models import model_names
 
+    if not key or key.startswith(".") or key.endswith(".") or ".." in key:
+        raise KcdError(f"override key '{key}' has an empty part; write KEY.SUBKEY=VALUE "
+                       "(e.g. recipes.cifar100.default.lr=0.05)")
     names = [n for n in model_names() if "." in n]
     parts: list[str] = []
     rest = key

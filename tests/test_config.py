@@ -128,5 +128,8 @@ def test_an_override_keeps_a_model_name_with_a_dot_whole():
     assert parse_override("recipes.imagenet.mobilenetv2_0.5x.lr=0.1") == {
         "recipes": {"imagenet": {"mobilenetv2_0.5x": {"lr": 0.1}}}}
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    for bad in ("=1", "seeds.=3", ".seeds=3", "recipes..lr=1"):
+        with pytest.raises(KcdError, match="empty part"):
+            parse_override(bad)
     cfg = load_config([], ["recipes.cifar100.resnet20_0.5x.iterations=7"])
     assert cfg["recipes"]["cifar100"]["resnet20_0.5x"]["iterations"] == 7

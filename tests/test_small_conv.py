@@ -86,6 +86,11 @@ def test_pytorch_path_where_it_does_not_pay(monkeypatch):
     assert applied == []
     dense(torch.randn(2, 8, 2, 2)).sum().backward()      # 4 pixels: the shifted products
     assert applied == [(2, 2)]
+    # an unbatched (3-D) input keeps PyTorch's path too
+    depthwise = nn.Conv2d(3, 3, 3, padding=1, groups=3)
+    use_small_conv_grads(depthwise)
+    depthwise(torch.randn(3, 5, 5)).sum().backward()
+    assert applied == [(2, 2)] and depthwise.weight.grad is not None
 
 
 def test_a_model_switched_keeps_its_state_and_gradients():

@@ -80,7 +80,8 @@ class SmallConv2d(nn.Conv2d):
     faster (depthwise, or dense k x k on maps of at most :data:`SMALL_MAP` pixels)."""
 
     def _conv_forward(self, input, weight, bias):  # noqa: A002 - nn.Conv2d's signature
-        if (input.device.type == "cpu" and torch.is_grad_enabled() and weight.requires_grad
+        if (input.device.type == "cpu" and input.dim() == 4 and torch.is_grad_enabled()
+                and weight.requires_grad
                 and (self.groups > 1 or input.shape[-1] * input.shape[-2] <= SMALL_MAP)):
             return _ShiftedProductConv.apply(input, weight, bias, self.stride, self.padding,
                                              self.dilation, self.groups)
