@@ -223,34 +223,37 @@ class Plans:
     def teacher_layers(self, ds: str, teacher: str) -> list[str]:
         """Every teacher layer a run may distil: the teacher's distillation layer, and the
         same before its ReLU for the methods configured with ``pre_relu`` (AB)."""
-        layer = model_spec(teacher).default_layer
-        return sorted({layer + (":pre_relu" if method_config(self.cfg, ds, name).get("pre_relu")
-                                else "")
+        return sorted({self.method_layer(ds, teacher, name)
                        for name, method in LOSSES.items() if method.features})
+
+    def method_layer(self, ds: str, teacher: str, method: str) -> str:
+        """The teacher layer ``method`` distils: the teacher's distillation layer, before its
+        ReLU when the method is configured with ``pre_relu``."""
+        pre_relu = method_config(self.cfg, ds, method).get("pre_relu")
+        return model_spec(teacher).default_layer + (":pre_relu" if pre_relu else "")
+
+    def _outputs_spec(self, ds: str, teacher: str, weights: str, split: str,
+                      layers: list[str], out: str) -> dict:
+        return to_dict(TeacherOutputsSpec(
+            teacher=teacher, teacher_weights=weights, num_classes=num_classes(self.cfg, ds),
+            data=data_spec(self.cfg, ds), split=split, layers=layers, out=out,
+            batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
 
     def teacher_outputs_spec(self, ds: str, teacher: str, tseed: object, split: str) -> dict:
         """``kcd teacher-outputs --spec``: the teacher's answers on ``split``, computed once."""
         L = self.layout
-        return to_dict(TeacherOutputsSpec(
-            teacher=teacher, teacher_weights=L.final(ds, teacher, tseed),
-            num_classes=num_classes(self.cfg, ds), data=data_spec(self.cfg, ds), split=split,
-            layers=self.teacher_layers(ds, teacher),
-            out=L.teacher_outputs(ds, teacher, tseed, split),
-            batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
+        return self._outputs_spec(ds, teacher, L.final(ds, teacher, tseed), split,
+                                  self.teacher_layers(ds, teacher),
+                                  L.teacher_outputs(ds, teacher, tseed, split))
 
     def anchor_outputs_spec(self, ds: str, teacher: str, tseed: object, iteration: object
                             ) -> dict:
         """``kcd teacher-outputs --spec`` for an RCO anchor (the teacher at ``iteration`` of
         its pre-training): its answers on the training split at RCO's layer."""
-        L = self.layout
-        layer = model_spec(teacher).default_layer + (
-            ":pre_relu" if method_config(self.cfg, ds, "rco").get("pre_relu") else "")
-        return to_dict(TeacherOutputsSpec(
-            teacher=teacher, teacher_weights=L.anchor(ds, teacher, tseed, int(iteration)),
-            num_classes=num_classes(self.cfg, ds), data=data_spec(self.cfg, ds),
-            split=TRAIN_SPLIT, layers=[layer],
-            out=L.anchor_outputs(ds, teacher, tseed, int(iteration)),
-            batch_size=int(self.cfg.get("statistics", {}).get("batch_size", 256))))
+        L, it = self.layout, int(iteration)
+        return self._outputs_spec(ds, teacher, L.anchor(ds, teacher, tseed, it), TRAIN_SPLIT,
+                                  [self.method_layer(ds, teacher, "rco")],
+                                  L.anchor_outputs(ds, teacher, tseed, it))
 
     # ------------------------------------------------------------------ statistics, transforms
 

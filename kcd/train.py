@@ -172,9 +172,8 @@ class _Distillation:
                            "teacher's cached outputs cannot answer for them (leave "
                            "distill.teacher_outputs empty; distill.anchor_outputs has one file "
                            "per anchor)")
-        if split == TRAIN_SPLIT and spec.data.augment:
-            raise KcdError(f"distill.teacher_outputs answer for unaugmented training images; set "
-                           f"datasets.{spec.data.name}.augment to false or leave them out")
+        if split == TRAIN_SPLIT:
+            _require_unaugmented(spec, "teacher_outputs")
         return load_teacher_outputs(path, d.teacher, d.teacher_weights, spec.data, split,
                                     [t for t, _, _ in self.pairs]).to(device)
 
@@ -219,9 +218,7 @@ class _Distillation:
         if len(d.anchor_outputs) != len(d.anchors):
             raise KcdError(f"distill.anchor_outputs has {len(d.anchor_outputs)} files for "
                            f"{len(d.anchors)} anchors; give one per anchor, in route order")
-        if spec.data.augment:
-            raise KcdError(f"distill.anchor_outputs answer for unaugmented training images; set "
-                           f"datasets.{spec.data.name}.augment to false or leave them out")
+        _require_unaugmented(spec, "anchor_outputs")
         if index != self._anchor:
             self.cached = load_teacher_outputs(d.anchor_outputs[index], d.teacher,
                                                d.anchors[index], spec.data, TRAIN_SPLIT,
@@ -307,6 +304,13 @@ class _Distillation:
         for s, st in zip(self.dynamic, state["dynamic"]):
             if s is not None:
                 s.load_state_dict(st)
+
+
+def _require_unaugmented(spec: TrainSpec, field: str) -> None:
+    """Cached answers to training images (``distill.<field>``) hold only without augmentation."""
+    if spec.data.augment:
+        raise KcdError(f"distill.{field} answer for unaugmented training images; set "
+                       f"datasets.{spec.data.name}.augment to false or leave them out")
 
 
 def _layer_pairs(spec: TrainSpec) -> list[tuple[str, str, float]]:

@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from kcd.checkpoint import atomic_save, load_format
 from kcd.consistency import ConsistencyStatistics, diagonal_consistency, gamma
-from kcd.models.small_conv import use_small_conv_grads
 from kcd.errors import KcdError
 from kcd.features import global_avg_pool
+from kcd.models.small_conv import use_small_conv_grads
 from kcd.registry import Registry
 
 _TRANSFORM_FORMAT = "kcd.transform"

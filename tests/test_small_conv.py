@@ -102,8 +102,12 @@ def test_a_model_switched_keeps_its_state_and_gradients():
             if isinstance(d, nn.Dropout):
                 d.p = 0.0
     keys = list(native.state_dict())
-    assert use_small_conv_grads(fast) == 18       # 17 depthwise + the first 3x3 stem
-    assert use_small_conv_grads(fast) == 18       # idempotent
+    convs = [m for m in native.modules() if isinstance(m, nn.Conv2d)]
+    depthwise = sum(m.groups == m.in_channels == m.out_channels > 1 for m in convs)
+    dense_kxk = sum(m.groups == 1 and m.kernel_size != (1, 1) for m in convs)
+    assert depthwise == 17 and dense_kxk == 1     # MobileNetV2: its blocks and the 3x3 stem
+    assert use_small_conv_grads(fast) == depthwise + dense_kxk
+    assert use_small_conv_grads(fast) == depthwise + dense_kxk  # idempotent
     assert list(fast.state_dict()) == keys
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     for m in (native, fast):

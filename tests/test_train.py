@@ -307,16 +307,20 @@ def test_precision_is_a_recipe_field_recorded_in_the_run(tiny_cfg, tmp_path, mon
 
 def test_cpu_small_conv_grads_is_a_recipe_field_recorded_in_the_run(tiny_cfg, tmp_path):
     # on a CPU the student's eligible convolutions take kcd.models.small_conv (every 3x3 of a
-    # CIFAR ResNet: 19 in ResNet-20); off, none do. Its maps are too large for the shifted
-    # products to apply, so both runs end with the same weights.
+    # CIFAR ResNet); off, none do. Its maps are too large for the shifted products to apply,
+    # so both runs end with the same weights.
+    from kcd.models import build_model
+
     cfg, _ = tiny_cfg
+    kxk = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+              for m in build_model("resnet20_0.5x", 100).modules())
     finals = []
     for on in (True, False):
         c = json.loads(json.dumps(cfg))
         c["recipes"]["cifar100"]["default"].update(cpu_small_conv_grads=on, iterations=2)
         _, spec, result = _pretrain(c, tmp_path, "resnet20_0.5x", name=f"run-{on}")
         assert spec.recipe.cpu_small_conv_grads is on
-        assert result["small_conv_grads"] == (19 if on else 0)
+        assert result["small_conv_grads"] == (kxk if on else 0) and kxk == 19
         finals.append(load_file(Path(spec.out_dir) / FINAL)["state_dict"])
     for key, value in finals[0].items():
         assert torch.equal(value, finals[1][key]), key

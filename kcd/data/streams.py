@@ -57,16 +57,13 @@ class SampleStream:
     """An endless, resumable stream of batches from a map-style dataset (standard path)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, pin_memory: bool = False,
-                 prefetch_factor: int = 2) -> None:
+                 world_size: int = 1, loader_options: dict | None = None) -> None:
         self.items = _SeededItems(dataset)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.workers = workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor if workers > 0 else None
+        self.loader_options = loader_options or {}  # DataLoader's workers, pinning, prefetch
         self.epoch = 0
         self.position = 0  # batches of the current epoch already yielded
         n = len(dataset)  # type: ignore[arg-type]
@@ -90,9 +87,8 @@ class SampleStream:
         stands; ``indices``: ``(images, labels, dataset indices)``."""
         while True:
             batches = self._epoch_batches(self.epoch)[self.position:]
-            loader = DataLoader(self.items, batch_sampler=batches, num_workers=self.workers,
-                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                persistent_workers=False)
+            loader = DataLoader(self.items, batch_sampler=batches, persistent_workers=False,
+                                **self.loader_options)
             for x, y, index in loader:
                 self.position += 1
                 yield (x, y, index) if indices else (x, y)
@@ -134,9 +130,14 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
     dataset = build_dataset(data.name, data.root, "train", train_transform=data.augment,
                             image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
-                        workers=data.workers,
-                        pin_memory=data.pin_memory and torch.cuda.is_available(),
-                        prefetch_factor=data.prefetch_factor)
+                        loader_options=_loader_options(data))
+
+
+def _loader_options(data: DataSpec) -> dict:
+    """A DataLoader's workers, page-locked batches (on CUDA only) and prefetch (with workers)."""
+    return {"num_workers": data.workers,
+            "pin_memory": data.pin_memory and torch.cuda.is_available(),
+            "prefetch_factor": data.prefetch_factor if data.workers > 0 else None}
 
 
 def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
@@ -166,6 +167,4 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
     if data.fast_loader and data.name in CIFAR_READERS and not isinstance(dataset, Subset):
         return TensorDataLoader.from_cifar(dataset, batch_size=batch_size, shuffle=False,
                                            augment=False, drop_last=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=data.workers,
-                      pin_memory=data.pin_memory and torch.cuda.is_available(),
-                      prefetch_factor=data.prefetch_factor if data.workers > 0 else None)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_options(data))
