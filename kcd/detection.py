@@ -81,6 +81,7 @@ from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
+from kcd.optim import sgd
 from kcd.run import FINAL, FiniteGuard, Phases, RunTask, Tracker, divergence_advice, run
 from kcd.models import DETECTOR_BACKBONES as BACKBONES
 from kcd.specs import (
@@ -565,8 +566,7 @@ class _DetectionRun(RunTask):
         params = list(model.parameters())
         if distill is not None:
             params += [p for p in distill.loss.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                         weight_decay=r.weight_decay, nesterov=r.nesterov)
+        self.optimizer = sgd(params, r)
         self.items = _Items(dataset)
         self._batches: Iterator | None = None
         self.steps = self.iterations = r.iterations

@@ -62,6 +62,8 @@ class Recipe:
     # on a CPU: the weight gradients oneDNN computes slowly (depthwise convolutions, k x k ones
     # on maps of <= 4 pixels) by per-tap products instead (kcd.models.small_conv)
     cpu_small_conv_grads: bool = True
+    # one fused kernel per SGD step instead of a loop of tensor ops per parameter (kcd.optim)
+    fused_optimizer: bool = True
 
 
 @dataclass
@@ -199,7 +201,7 @@ class DetectionSpec:
 # from the spec (``--runtime``), so changing one re-runs nothing; a checkpoint written under
 # other values still resumes.
 RUNTIME_FIELDS = {"recipe": ("log_every", "checkpoint_every", "eval_batch_size",
-                             "cudnn_benchmark", "cpu_small_conv_grads"),
+                             "cudnn_benchmark", "cpu_small_conv_grads", "fused_optimizer"),
                   "data": ("workers", "pin_memory", "prefetch_factor")}
 
 

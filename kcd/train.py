@@ -52,6 +52,7 @@ from kcd.losses import BASELINE, LOSSES, build_loss
 from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
 from kcd.models.small_conv import use_small_conv_grads
+from kcd.optim import sgd
 from kcd.run import (
     CHECKPOINT,
     FINAL,
@@ -374,8 +375,9 @@ class _Classification(RunTask):
         student = self.student = load_model(spec.arch, spec.theta0, spec.num_classes, "theta0")
         distill = self.distill = _Distillation(spec, student, device)
         student.to(device)
-        # on a CPU, the convolutions whose weight gradients oneDNN computes slowly
+        # on a CPU, the convolutions oneDNN computes slowly (the student's, the regressors')
         self.small_conv_grads = (use_small_conv_grads(student)
+                                 + use_small_conv_grads(distill.losses)
                                  if r.cpu_small_conv_grads and device.type == "cpu" else 0)
         self.memory_format = torch.channels_last if r.channels_last else torch.contiguous_format
         student.to(memory_format=self.memory_format)
@@ -392,8 +394,7 @@ class _Classification(RunTask):
             )
         params = self.params = list(student.parameters())
         params += [p for p in distill.losses.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                         weight_decay=r.weight_decay, nesterov=r.nesterov)
+        self.optimizer = sgd(params, r)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, r.milestones,
                                                               gamma=r.gamma)
         # each stage's optimizer: the run's for the main stage, a stage's own before it

@@ -20,7 +20,7 @@ KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 # The layers of README's architecture: core modules never import an engine, directly or not.
 CORE = ("kcd.consistency", "kcd.transforms", "kcd.losses", "kcd.models", "kcd.features",
-        "kcd.data", "kcd.specs")
+        "kcd.data", "kcd.specs", "kcd.optim")
 ENGINES = ("kcd.train", "kcd.run", "kcd.detection", "kcd.statistics", "kcd.evaluate",
            "kcd.analysis", "kcd.tables", "kcd.tracking", "kcd.cli")
 

@@ -79,7 +79,7 @@ def test_cli_names_a_bad_runtime_field_in_one_line(spec, tmp_path):
     assert run.stderr.strip().splitlines() == [
         "kcd: error: --runtime: recipe.lr is not a run-time field "
         "(known: log_every, checkpoint_every, eval_batch_size, cudnn_benchmark, "
-        "cpu_small_conv_grads)"]
+        "cpu_small_conv_grads, fused_optimizer)"]
     assert not (tmp_path / "run").exists()
 
 

@@ -15,6 +15,7 @@ import torch
 from kcd.checkpoint import load_file
 from kcd.config import statistics_spec, train_spec, validate_config
 from kcd.errors import KcdError
+from kcd.models import build_model
 from kcd.statistics import compute_statistics, make_transform
 from kcd.train import CHECKPOINT, FINAL, RESULT, init_weights, train
 
@@ -99,6 +100,8 @@ def test_every_method_runs_with_and_without_transform(trained_pair, tmp_path, me
     cfg, pair, theta0, transform, anchors = trained_pair
     # kd uses logits only; l2 ("Ours") needs equal channels, i.e. the transform (64 -> 32)
     variants = {"kd": [None], "l2": [str(transform)]}.get(method, [None, str(transform)])
+    student_convs = sum(isinstance(m, torch.nn.Conv2d)
+                        for m in build_model("resnet20_0.5x", 100).modules())
     for t in variants:
         out = tmp_path / f"{method}-{t is not None}"
         spec = train_spec(cfg, dataset="cifar100", arch="resnet20_0.5x", seed=0,
@@ -107,6 +110,9 @@ def test_every_method_runs_with_and_without_transform(trained_pair, tmp_path, me
                           transforms=[t] if t else None, anchors=anchors)
         result = train(spec, progress=False)
         assert result["teacher_kl"] >= 0 and (out / FINAL).exists()
+        # on a CPU the student's convolutions take kcd.models.small_conv, and so do the 1x1
+        # regressors of FitNets, AB and RCO's hint
+        assert result["small_conv_grads"] == student_convs + (method in ("fitnets", "ab", "rco"))
         if t is not None:
             assert result["feature_l2"] is not None and result["feature_l2"] > 0
 
@@ -306,21 +312,21 @@ def test_precision_is_a_recipe_field_recorded_in_the_run(tiny_cfg, tmp_path, mon
 
 
 def test_cpu_small_conv_grads_is_a_recipe_field_recorded_in_the_run(tiny_cfg, tmp_path):
-    # on a CPU the student's eligible convolutions take kcd.models.small_conv (every 3x3 of a
-    # CIFAR ResNet); off, none do. Its maps are too large for the shifted products to apply,
-    # so both runs end with the same weights.
-    from kcd.models import build_model
-
+    # on a CPU the student's eligible convolutions take kcd.models.small_conv (every 3x3 and
+    # 1x1 of a CIFAR ResNet); off, none do. Its maps are too large for the faster paths to
+    # apply, so both runs end with the same weights.
     cfg, _ = tiny_cfg
-    kxk = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
-              for m in build_model("resnet20_0.5x", 100).modules())
+    kernels = [m.kernel_size for m in build_model("resnet20_0.5x", 100).modules()
+               if isinstance(m, torch.nn.Conv2d)]
+    kxk = len(kernels)
+    assert kernels.count((3, 3)) == 19 and kernels.count((1, 1)) == 2
     finals = []
     for on in (True, False):
         c = json.loads(json.dumps(cfg))
         c["recipes"]["cifar100"]["default"].update(cpu_small_conv_grads=on, iterations=2)
         _, spec, result = _pretrain(c, tmp_path, "resnet20_0.5x", name=f"run-{on}")
         assert spec.recipe.cpu_small_conv_grads is on
-        assert result["small_conv_grads"] == (kxk if on else 0) and kxk == 19
+        assert result["small_conv_grads"] == (kxk if on else 0)
         finals.append(load_file(Path(spec.out_dir) / FINAL)["state_dict"])
     for key, value in finals[0].items():
         assert torch.equal(value, finals[1][key]), key

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kcd.errors import KcdError
@@ -43,6 +42,7 @@ from kcd.losses.base import (
     connector,
     require_positive,
 )
+from kcd.optim import sgd
 
 REFERENCE_SCALE = 1000.0
 """The authors' code divides the summed margin loss by batch size and by this constant."""
@@ -107,11 +107,5 @@ class ABLoss(DistillationLoss):
         n = run.spec.init_iterations
         if not n:
             return main
-        r = run.recipe
-
-        def optimizer(params) -> torch.optim.Optimizer:
-            return torch.optim.SGD(params, lr=r.lr, momentum=r.momentum,
-                                   weight_decay=r.weight_decay)
-
         return [Stage("init", n, self.initialization_loss, cross_entropy=False,
-                      optimizer=optimizer), *main]
+                      optimizer=lambda params: sgd(params, run.recipe)), *main]

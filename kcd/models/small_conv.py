@@ -1,25 +1,33 @@
-"""Faster weight gradients on a CPU for the convolutions oneDNN handles badly.
+"""Faster CPU paths for the convolutions oneDNN handles badly.
 
-On a CPU, PyTorch computes convolution gradients with oneDNN. Two kinds of convolution in
-the demo's ImageNet-size models get a slow weight gradient there, at any batch size:
+On a CPU, PyTorch computes convolutions with oneDNN. Three kinds of convolution in the
+demo's ImageNet-size models and in the distillation losses are slow there, at any batch size:
 
 - depthwise convolutions (``groups == in_channels == out_channels``, MobileNetV2): about
   10 microseconds per channel whatever the map size, so 5 ms for a 480-channel convolution on
   a 1x1 map whose gradient is 138k multiply-adds;
 - k x k convolutions on maps of at most :data:`SMALL_MAP` pixels (ResNet-18/50's last stage
-  on 32-pixel images), where most of the kernel only ever meets padding.
+  on 32-pixel images), where most of the kernel only ever meets padding: slow weight
+  gradients;
+- 1x1 convolutions on maps of one pixel (ResNet-50's last stage, MobileNetV2's last blocks,
+  FitNets' and AB's 1x1 regressors on pooled features): forward and both gradients run 2-3x
+  slower than the same matrix product (34 ms against 13 ms for a 1280 -> 2048 regressor on a
+  batch of 32).
 
-:func:`use_small_conv_grads` switches a model's eligible convolutions to
-:class:`SmallConv2d`, which computes the weight gradient as one product per kernel tap of
-the (padded, strided) input with the output gradient, and leaves the input gradient and the
-forward pass to PyTorch. The result is the same gradient up to float rounding (tests: 1e-5);
-``bench/bench_small_conv.py`` measures the speed-up per model (demo shapes, 1 thread:
-MobileNetV2-0.5x about 1.6x per training step, ResNet-18 1.3x, CIFAR ResNets unchanged).
+:func:`use_small_conv_grads` switches a module's eligible convolutions to
+:class:`SmallConv2d`. For k x k and depthwise ones it computes the weight gradient as one
+product per kernel tap of the (padded, strided) input with the output gradient, and leaves
+the input gradient and the forward pass to PyTorch. A 1x1 convolution on a map of one pixel
+(or of at most :data:`SMALL_MAP` pixels while gradients are on; output maps) becomes
+``F.linear`` over the pixels' channel vectors, forward and backward. The results are the same up to float rounding
+(tests: 1e-5); ``bench/bench_small_conv.py`` measures the speed-up per model (demo shapes, 1
+thread).
 
-It applies only where it helps: on CPU tensors, with gradients on, and for dense
-convolutions only on small maps; everything else takes PyTorch's own path. The parameters,
-their names and the state dict are unchanged. The training engine uses it on a CPU when
-``recipe.cpu_small_conv_grads`` is on (default).
+It applies only where it helps: on CPU tensors, for dense k x k convolutions only on small
+maps with gradients on, for 1x1 ones only on the smallest maps; everything else takes
+PyTorch's own path. The parameters, their names and the state dict are unchanged. The
+training engine uses it on a CPU when ``recipe.cpu_small_conv_grads`` is on (default), for
+the student and the losses' regressors.
 """
 from __future__ import annotations
 
@@ -29,7 +37,8 @@ from torch import nn
 
 SMALL_MAP = 4
 """Dense k x k convolutions take :class:`SmallConv2d`'s path on input maps of at most this
-many pixels (2x2); depthwise ones on every map."""
+many pixels (2x2), and so do 1x1 ones while gradients are on; depthwise ones on every map,
+1x1 ones on maps of one pixel always."""
 
 
 class _ShiftedProductConv(torch.autograd.Function):
@@ -56,16 +65,31 @@ class _ShiftedProductConv(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+def _meets_input(size: int, out: int, tap: int, stride: int, pad: int, dilation: int) -> bool:
+    """Whether kernel tap ``tap`` meets a real (not padding) input pixel at some output
+    position along one axis: 0 <= h*stride + tap*dilation - pad < size for an h < out."""
+    first = max(0, -(-(pad - tap * dilation) // stride))
+    return first < out and first * stride + tap * dilation - pad < size
+
+
 def _weight_grad(x, shape, grad_out, stride, padding, dilation, groups) -> torch.Tensor:
     """dL/dW[o, c, i, j] = sum over n, h, w of grad_out[n, o, h, w] * x_pad[n, c, h*s + i*d,
-    w*s + j*d]: one strided view of the padded input per tap (i, j)."""
+    w*s + j*d]: one strided view of the padded input per tap (i, j). A tap that meets only
+    padding (most of a 3x3 kernel on a 1x1 map) has a zero gradient and is not computed."""
     kh, kw = shape[-2:]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     ho, wo = grad_out.shape[-2:]
     padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    zero = None
     taps = []
     for i in range(kh):
+        rows = _meets_input(x.shape[-2], ho, i, sh, ph, dh)
         for j in range(kw):
+            if not (rows and _meets_input(x.shape[-1], wo, j, sw, pw, dw)):
+                if zero is None:
+                    zero = x.new_zeros(shape[:2] if groups == 1 else shape[:1])
+                taps.append(zero)
+                continue
             view = padded[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh,
                           j * dw: j * dw + sw * (wo - 1) + 1: sw]
             if groups == 1:  # [out, in]
@@ -75,11 +99,30 @@ def _weight_grad(x, shape, grad_out, stride, padding, dilation, groups) -> torch
     return torch.stack(taps, -1).reshape(shape)
 
 
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias, stride) -> torch.Tensor:
+    """A 1x1 convolution (no padding) as ``F.linear`` over the pixels' channel vectors; the
+    result has the channels-last strides (a view of the product)."""
+    if stride != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view for channels-last inputs
+    out = F.linear(rows, weight.reshape(weight.shape[0], c), bias)
+    return out.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 class SmallConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose CPU weight gradient takes :func:`_weight_grad` where that is
-    faster (depthwise, or dense k x k on maps of at most :data:`SMALL_MAP` pixels)."""
+    """An ``nn.Conv2d`` that takes a faster CPU path where there is one: the weight gradient
+    by :func:`_weight_grad` (depthwise, or dense k x k on maps of at most :data:`SMALL_MAP`
+    pixels), or the whole 1x1 convolution as a matrix product (:func:`_pointwise`)."""
 
     def _conv_forward(self, input, weight, bias):  # noqa: A002 - nn.Conv2d's signature
+        if self.kernel_size == (1, 1):
+            if input.device.type == "cpu" and input.dim() == 4:
+                pixels = (((input.shape[-2] - 1) // self.stride[0] + 1)
+                          * ((input.shape[-1] - 1) // self.stride[1] + 1))  # the output's
+                if pixels == 1 or (pixels <= SMALL_MAP and torch.is_grad_enabled()):
+                    return _pointwise(input, weight, bias, self.stride)
+            return super()._conv_forward(input, weight, bias)
         if (input.device.type == "cpu" and input.dim() == 4 and torch.is_grad_enabled()
                 and weight.requires_grad
                 and (self.groups > 1 or input.shape[-1] * input.shape[-2] <= SMALL_MAP)):
@@ -95,12 +138,15 @@ def _eligible(module: nn.Module) -> bool:
         return False
     depthwise = module.groups == module.in_channels == module.out_channels
     dense_kxk = module.groups == 1 and module.kernel_size != (1, 1)
-    return depthwise or dense_kxk
+    pointwise = (module.groups == 1 and module.kernel_size == (1, 1)
+                 and module.padding == (0, 0))  # dilation is moot for a 1x1 kernel
+    return depthwise or dense_kxk or pointwise
 
 
 def use_small_conv_grads(model: nn.Module) -> int:
-    """Switch ``model``'s eligible convolutions to :class:`SmallConv2d` in place; how many of
-    its convolutions are :class:`SmallConv2d` now. Idempotent; the parameters and the state
+    """Switch ``model``'s eligible convolutions (depthwise, dense k x k, 1x1 without padding)
+    to :class:`SmallConv2d` in place; how many of its convolutions are :class:`SmallConv2d`
+    now. Idempotent; the parameters and the state
     dict are untouched."""
     switched = 0
     for module in model.modules():
