@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kcd.errors import KcdError
+from kcd.losses.rkd import angles
 from kcd.losses import (
     LOSSES,
     ABLoss,
@@ -158,6 +159,32 @@ def test_rkd_distance_and_angle_match_loops():
     assert set(terms) == {"rkd_distance", "rkd_angle"}
     assert terms["rkd_distance"].item() == pytest.approx(10 * 1 * distance, rel=1e-9)
     assert terms["rkd_angle"].item() == pytest.approx(10 * 2 * angle, rel=1e-9)
+
+
+@pytest.mark.parametrize("channels, offset", [(2048, 0.0), (64, 30.0)])
+def test_rkd_angles_in_float32_equal_the_difference_vectors_in_float64(channels, offset):
+    """The Gram form (kcd.losses.rkd.angles) against the reference code's b x b x c difference
+    vectors: the same angles and the same gradient of RKD's angle term, in float32, also for
+    embeddings far from the origin (where a Gram matrix without centring would cancel)."""
+    torch.manual_seed(0)
+    es = (torch.randn(16, channels) + offset).requires_grad_()
+    et = torch.randn(16, channels) * 3
+
+    def reference(e):
+        directions = torch.nn.functional.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)
+        return directions @ directions.transpose(1, 2)
+
+    exact = es.detach().double().requires_grad_()
+    expected = torch.nn.functional.smooth_l1_loss(reference(exact), reference(et.double()))
+    (expected_grad,) = torch.autograd.grad(expected, exact)
+    got = torch.nn.functional.smooth_l1_loss(angles(es), angles(et))
+    (grad,) = torch.autograd.grad(got, es)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(angles(es.detach()).double(), reference(exact.detach()),
+                               rtol=0, atol=1e-6)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4,
+                               atol=1e-5 * expected_grad.abs().max().item())
 
 
 def test_rkd_with_transform_adds_kcd_l2_term():

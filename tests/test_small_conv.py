@@ -24,11 +24,11 @@ def _grads(conv: nn.Module, x: torch.Tensor, seed: int = 0):
 CASES = [
     (48, 48, 3, 1, 1, 1, 48, False, 16),   # depthwise on a large map
     (96, 96, 3, 2, 1, 1, 96, False, 8),    # depthwise, strided
-    (480, 480, 3, 1, 1, 1, 480, False, 1),  # depthwise on a 1x1 map (MobileNetV2's worst)
+    (480, 480, 3, 1, 0, 1, 480, False, 3),  # depthwise, unpadded, to a 1x1 map
     (32, 32, 5, 1, 4, 2, 32, True, 6),     # depthwise, dilated, with bias
     (64, 128, 3, 1, 1, 1, 1, False, 2),    # dense 3x3 on a 2x2 map
-    (64, 128, 3, 2, 1, 1, 1, True, 2),     # dense, strided to 1x1, with bias
-    (16, 8, 3, 1, 1, 1, 1, False, 1),      # dense on a 1x1 map
+    (64, 128, 3, 2, 1, 1, 1, True, 2),     # dense, strided to 1x1 (a tap meets only padding)
+    (16, 8, 3, 1, 2, 1, 1, False, 1),      # dense on a 1x1 map, padded past "same"
 ]
 
 
@@ -57,6 +57,40 @@ def test_gradients_equal_pytorch(cin, cout, k, stride, pad, dil, groups, bias, s
     assert len(gp_b) == len(gp_a) == 1 + bias
     for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):  # float rounding of sums of ~1000 terms
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+# (in, out, kernel, stride, dilation, groups, bias): k x k with "same" padding on a 1x1 map
+CENTRE = [
+    (480, 480, 3, 1, 1, 480, False),   # depthwise (MobileNetV2's last blocks)
+    (64, 128, 3, 1, 1, 1, False),      # dense (ResNet's last stage, Sub-net-Res)
+    (64, 128, 3, 2, 1, 1, True),       # strided, with bias
+    (32, 32, 5, 1, 2, 32, True),       # depthwise, dilated, with bias
+]
+
+
+@pytest.mark.parametrize("cin, cout, k, stride, dil, groups, bias", CENTRE)
+@pytest.mark.parametrize("grad", [True, False])
+def test_centre_tap_equals_pytorch(cin, cout, k, stride, dil, groups, bias, grad, monkeypatch):
+    torch.manual_seed(0)
+    native = nn.Conv2d(cin, cout, k, stride, dil * (k - 1) // 2, dil, groups, bias)
+    fast = copy.deepcopy(native)
+    assert use_small_conv_grads(fast) == 1
+    x = torch.randn(4, cin, 1, 1)
+    calls = []
+    real = small_conv._centre_tap
+    monkeypatch.setattr(small_conv, "_centre_tap", lambda *a: calls.append(1) or real(*a))
+    if grad:
+        out_a, gx_a, gp_a = _grads(native, x)
+        out_b, gx_b, gp_b = _grads(fast, x)
+        for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    else:
+        with torch.no_grad():
+            out_a, out_b = native(x), fast(x)
+    assert calls == [1] and out_b.shape == out_a.shape == (4, cout, 1, 1)
+    torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    fast(torch.randn(4, cin, 2, 2))  # a larger map: not the centre alone
+    assert calls == [1]
 
 
 # (in, out, stride, bias, map size): 1x1 convolutions on the maps where they become products

@@ -29,6 +29,7 @@ which use the AB loss in the initialisation stage only and then train without it
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 from torch import Tensor, nn
@@ -107,5 +108,6 @@ class ABLoss(DistillationLoss):
         n = run.spec.init_iterations
         if not n:
             return main
+        recipe = dataclasses.replace(run.recipe, nesterov=False)  # plain momentum SGD
         return [Stage("init", n, self.initialization_loss, cross_entropy=False,
-                      optimizer=lambda params: sgd(params, run.recipe)), *main]
+                      optimizer=lambda params: sgd(params, recipe)), *main]

@@ -1,33 +1,41 @@
 """Faster CPU paths for the convolutions oneDNN handles badly.
 
-On a CPU, PyTorch computes convolutions with oneDNN. Three kinds of convolution in the
-demo's ImageNet-size models and in the distillation losses are slow there, at any batch size:
+On a CPU, PyTorch computes convolutions with oneDNN. Four kinds of convolution in the demo's
+ImageNet-size models and in the distillation losses are slow there, at any batch size:
 
-- depthwise convolutions (``groups == in_channels == out_channels``, MobileNetV2): about
-  10 microseconds per channel whatever the map size, so 5 ms for a 480-channel convolution on
-  a 1x1 map whose gradient is 138k multiply-adds;
+- depthwise convolutions (``groups == in_channels == out_channels``, MobileNetV2): a slow
+  weight gradient, about 10 microseconds per channel whatever the map size (5 ms for a
+  480-channel convolution on a 1x1 map whose gradient is 138k multiply-adds);
 - k x k convolutions on maps of at most :data:`SMALL_MAP` pixels (ResNet-18/50's last stage
-  on 32-pixel images), where most of the kernel only ever meets padding: slow weight
-  gradients;
+  on 32-pixel images): a slow weight gradient, most of the kernel only ever meeting padding;
+- k x k convolutions with "same" padding on maps of one pixel, where only the kernel's
+  centre meets the input but every tap is computed (those last stages, Sub-net-Res's
+  transform on pooled features);
 - 1x1 convolutions on maps of one pixel (ResNet-50's last stage, MobileNetV2's last blocks,
-  FitNets' and AB's 1x1 regressors on pooled features): forward and both gradients run 2-3x
-  slower than the same matrix product (34 ms against 13 ms for a 1280 -> 2048 regressor on a
-  batch of 32).
+  FitNets', AB's and RCO's 1x1 regressors on pooled features): forward and both gradients
+  2-3x slower than the same matrix product (34 ms against 13 ms for a 1280 -> 2048 regressor
+  on a batch of 32).
 
 :func:`use_small_conv_grads` switches a module's eligible convolutions to
-:class:`SmallConv2d`. For k x k and depthwise ones it computes the weight gradient as one
-product per kernel tap of the (padded, strided) input with the output gradient, and leaves
-the input gradient and the forward pass to PyTorch. A 1x1 convolution on a map of one pixel
-(or of at most :data:`SMALL_MAP` pixels while gradients are on; output maps) becomes
-``F.linear`` over the pixels' channel vectors, forward and backward. The results are the same up to float rounding
-(tests: 1e-5); ``bench/bench_small_conv.py`` measures the speed-up per model (demo shapes, 1
-thread).
+:class:`SmallConv2d`, which takes, on CPU tensors:
 
-It applies only where it helps: on CPU tensors, for dense k x k convolutions only on small
-maps with gradients on, for 1x1 ones only on the smallest maps; everything else takes
-PyTorch's own path. The parameters, their names and the state dict are unchanged. The
-training engine uses it on a CPU when ``recipe.cpu_small_conv_grads`` is on (default), for
-the student and the losses' regressors.
+- for a k x k convolution with "same" padding on a 1x1 map: a matrix product with the
+  kernel's centre (a per-channel scale if depthwise), forward and backward
+  (:func:`_centre_tap`);
+- for a 1x1 convolution on an output map of one pixel, or of at most :data:`SMALL_MAP`
+  pixels while gradients are on: ``F.linear`` over the pixels' channel vectors, forward and
+  backward (:func:`_pointwise`);
+- for a depthwise convolution, or a dense k x k one on a map of at most :data:`SMALL_MAP`
+  pixels, while gradients are on: PyTorch's forward pass and input gradient, and the weight
+  gradient as one product per kernel tap of the (padded, strided) input with the output
+  gradient, skipping the taps that meet only padding (:func:`_weight_grad`);
+- everything else: PyTorch's own path.
+
+The results are the same up to float rounding (tests: 1e-5). The parameters, their names and
+the state dict are unchanged. ``bench/bench_small_conv.py`` measures the speed-up per model
+(demo shapes, 1 thread). The training engine uses it on a CPU when
+``recipe.cpu_small_conv_grads`` is on (default), for the student and the losses' modules;
+Sub-net-Res's fitting uses it too.
 """
 from __future__ import annotations
 
@@ -36,9 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 SMALL_MAP = 4
-"""Dense k x k convolutions take :class:`SmallConv2d`'s path on input maps of at most this
-many pixels (2x2), and so do 1x1 ones while gradients are on; depthwise ones on every map,
-1x1 ones on maps of one pixel always."""
+"""The map size (pixels) up to which dense k x k convolutions take the per-tap weight
+gradient and 1x1 ones the matrix product while gradients are on."""
 
 
 class _ShiftedProductConv(torch.autograd.Function):
@@ -110,12 +117,32 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias, stride) -> torch.Ten
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+def _centre_tap(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
+    """A k x k convolution with "same" padding on a 1x1 map: only the kernel's centre meets
+    the input, so it is a matrix product with the centre tap (dense) or a per-channel scale
+    (depthwise)."""
+    centre = weight[:, :, weight.shape[-2] // 2, weight.shape[-1] // 2]
+    n = x.shape[0]
+    if groups == 1:
+        return F.linear(x.reshape(n, -1), centre, bias).view(n, -1, 1, 1)
+    out = x * centre.reshape(1, -1, 1, 1)
+    return out if bias is None else out + bias.reshape(1, -1, 1, 1)
+
+
 class SmallConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that takes a faster CPU path where there is one: the weight gradient
     by :func:`_weight_grad` (depthwise, or dense k x k on maps of at most :data:`SMALL_MAP`
-    pixels), or the whole 1x1 convolution as a matrix product (:func:`_pointwise`)."""
+    pixels), the whole 1x1 convolution as a matrix product (:func:`_pointwise`), or a k x k
+    one on a 1x1 map as its centre tap (:func:`_centre_tap`)."""
+
+    def _same_padding(self) -> bool:
+        return all(k % 2 == 1 and p == d * (k - 1) // 2 for k, p, d in
+                   zip(self.kernel_size, self.padding, self.dilation))
 
     def _conv_forward(self, input, weight, bias):  # noqa: A002 - nn.Conv2d's signature
+        if (input.device.type == "cpu" and input.dim() == 4 and self.kernel_size != (1, 1)
+                and input.shape[-2:] == (1, 1) and self._same_padding()):
+            return _centre_tap(input, weight, bias, self.groups)
         if self.kernel_size == (1, 1):
             if input.device.type == "cpu" and input.dim() == 4:
                 pixels = (((input.shape[-2] - 1) // self.stride[0] + 1)
