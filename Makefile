@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python bench/bench_distill_step.py
 	$(BIN)/python bench/bench_launch.py
 	$(BIN)/python bench/bench_small_conv.py
+	$(BIN)/python bench/bench_cpu_steps.py
 
 bench-demo: install  # the demo from scratch in a fresh copy of HEAD: wall time, per-rule job times
 	$(BIN)/python bench/bench_demo.py --run --cores $(CORES)
