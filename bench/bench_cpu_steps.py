@@ -57,6 +57,7 @@ def sgd_row(name: str, repeats: int) -> tuple:
     times = {}
     for fused in (False, True):
         params = [p for p in copy.deepcopy(model).parameters()]
+        torch.manual_seed(1)  # the same gradients for both
         for p in params:
             p.grad = torch.randn_like(p)
         optimizer = sgd(params, Recipe(iterations=1, batch_size=1, lr=0.1, momentum=0.9,
