@@ -20,6 +20,24 @@ def _grads(conv: nn.Module, x: torch.Tensor, seed: int = 0):
     return out.detach(), x.grad, [p.grad for p in conv.parameters()]
 
 
+def _pair(native: nn.Conv2d, size: int, channels_last: bool = False):
+    """``native``, a copy of it switched to SmallConv2d, and an input of ``size`` x ``size``
+    pixels, all in the same memory format."""
+    fast = copy.deepcopy(native)
+    assert use_small_conv_grads(fast) == 1 and type(fast) is SmallConv2d
+    x = torch.randn(4, native.in_channels, size, size)
+    if channels_last:
+        native, fast = (m.to(memory_format=torch.channels_last) for m in (native, fast))
+        x = x.contiguous(memory_format=torch.channels_last)
+    return native, fast, x
+
+
+def _assert_same_gradients(got, expected):
+    """Float rounding of sums of ~1000 terms."""
+    for b, a in zip(got, expected):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
 # (in, out, kernel, stride, padding, dilation, groups, bias, map size)
 CASES = [
     (48, 48, 3, 1, 1, 1, 48, False, 16),   # depthwise on a large map
@@ -37,13 +55,8 @@ CASES = [
 def test_gradients_equal_pytorch(cin, cout, k, stride, pad, dil, groups, bias, size,
                                  channels_last):
     torch.manual_seed(0)
-    native = nn.Conv2d(cin, cout, k, stride, pad, dil, groups, bias)
-    fast = copy.deepcopy(native)
-    assert use_small_conv_grads(fast) == 1 and type(fast) is SmallConv2d
-    x = torch.randn(4, cin, size, size)
-    if channels_last:
-        native, fast = (m.to(memory_format=torch.channels_last) for m in (native, fast))
-        x = x.contiguous(memory_format=torch.channels_last)
+    native, fast, x = _pair(nn.Conv2d(cin, cout, k, stride, pad, dil, groups, bias), size,
+                            channels_last)
     calls = []
     real = torch.nn.grad.conv2d_input
     out_a, gx_a, gp_a = _grads(native, x)
@@ -55,8 +68,7 @@ def test_gradients_equal_pytorch(cin, cout, k, stride, pad, dil, groups, bias, s
     assert calls == [1]
     torch.testing.assert_close(out_b, out_a)
     assert len(gp_b) == len(gp_a) == 1 + bias
-    for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):  # float rounding of sums of ~1000 terms
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    _assert_same_gradients([gx_b, *gp_b], [gx_a, *gp_a])
 
 
 # (in, out, kernel, stride, dilation, groups, bias): k x k with "same" padding on a 1x1 map
@@ -72,18 +84,15 @@ CENTRE = [
 @pytest.mark.parametrize("grad", [True, False])
 def test_centre_tap_equals_pytorch(cin, cout, k, stride, dil, groups, bias, grad, monkeypatch):
     torch.manual_seed(0)
-    native = nn.Conv2d(cin, cout, k, stride, dil * (k - 1) // 2, dil, groups, bias)
-    fast = copy.deepcopy(native)
-    assert use_small_conv_grads(fast) == 1
-    x = torch.randn(4, cin, 1, 1)
+    native, fast, x = _pair(nn.Conv2d(cin, cout, k, stride, dil * (k - 1) // 2, dil, groups,
+                                      bias), 1)
     calls = []
     real = small_conv._centre_tap
     monkeypatch.setattr(small_conv, "_centre_tap", lambda *a: calls.append(1) or real(*a))
     if grad:
         out_a, gx_a, gp_a = _grads(native, x)
         out_b, gx_b, gp_b = _grads(fast, x)
-        for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+        _assert_same_gradients([gx_b, *gp_b], [gx_a, *gp_a])
     else:
         with torch.no_grad():
             out_a, out_b = native(x), fast(x)
@@ -106,13 +115,7 @@ POINTWISE = [
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pointwise_equals_pytorch(cin, cout, stride, bias, size, channels_last, monkeypatch):
     torch.manual_seed(0)
-    native = nn.Conv2d(cin, cout, 1, stride, bias=bias)
-    fast = copy.deepcopy(native)
-    assert use_small_conv_grads(fast) == 1 and type(fast) is SmallConv2d
-    x = torch.randn(4, cin, size, size)
-    if channels_last:
-        native, fast = (m.to(memory_format=torch.channels_last) for m in (native, fast))
-        x = x.contiguous(memory_format=torch.channels_last)
+    native, fast, x = _pair(nn.Conv2d(cin, cout, 1, stride, bias=bias), size, channels_last)
     out_a, gx_a, gp_a = _grads(native, x)
     calls = []
     real = small_conv._pointwise
@@ -121,8 +124,7 @@ def test_pointwise_equals_pytorch(cin, cout, stride, bias, size, channels_last, 
     assert calls == [1]
     torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
     assert len(gp_b) == len(gp_a) == 1 + bias
-    for b, a in zip([gx_b, *gp_b], [gx_a, *gp_a]):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+    _assert_same_gradients([gx_b, *gp_b], [gx_a, *gp_a])
 
 
 def test_pointwise_only_on_the_smallest_maps(monkeypatch):
