@@ -81,7 +81,7 @@ from kcd.data.streams import mix_seed
 from kcd.errors import KcdError
 from kcd.features import FeatureTap, global_avg_pool
 from kcd.losses import DistillBatch, build_loss
-from kcd.optim import sgd
+from kcd.optim import load_sgd_state, sgd
 from kcd.run import FINAL, FiniteGuard, Phases, RunTask, Tracker, divergence_advice, run
 from kcd.models import DETECTOR_BACKBONES as BACKBONES
 from kcd.specs import (
@@ -606,7 +606,7 @@ class _DetectionRun(RunTask):
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_sgd_state(self.optimizer, state["optimizer"], self.recipe)
         if self.distill is not None:
             self.distill.loss.load_state_dict(state["distill"])
 

@@ -16,4 +16,17 @@ def sgd(params: Iterable[torch.nn.Parameter], recipe: Recipe) -> torch.optim.SGD
     15 ms a step against 37)."""
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum,
                            weight_decay=recipe.weight_decay, nesterov=recipe.nesterov,
-                           fused=True if recipe.fused_optimizer else None)
+                           fused=_fused(recipe))
+
+
+def _fused(recipe: Recipe) -> bool | None:
+    return True if recipe.fused_optimizer else None
+
+
+def load_sgd_state(optimizer: torch.optim.Optimizer, state: dict, recipe: Recipe) -> None:
+    """Load a checkpoint's optimizer ``state`` into ``optimizer`` and keep this run's fused
+    setting: ``load_state_dict`` would restore the checkpoint's, and ``fused_optimizer`` is a
+    run-time field that a resume may change (the momentum buffers are the same either way)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = _fused(recipe)

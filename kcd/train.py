@@ -52,7 +52,7 @@ from kcd.losses import BASELINE, LOSSES, build_loss
 from kcd.losses.base import DistillBatch, DistillContext, Stage
 from kcd.models import build_model, model_spec
 from kcd.models.small_conv import use_small_conv_grads
-from kcd.optim import sgd
+from kcd.optim import load_sgd_state, sgd
 from kcd.run import (
     CHECKPOINT,
     FINAL,
@@ -484,13 +484,13 @@ class _Classification(RunTask):
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_sgd_state(self.optimizer, state["optimizer"], self.spec.recipe)
         self.scheduler.load_state_dict(state["scheduler"])
         saved = state.get("stage_optimizers")
         if saved is None and state.get("init_optimizer") is not None:
             saved = {next(iter(self.own)): state["init_optimizer"]}  # before stages had names
         for name, opt in self.own.items():
-            opt.load_state_dict(saved[name])
+            load_sgd_state(opt, saved[name], self.spec.recipe)
         self.distill.load_state_dict(state["distill"])
         self.stream.load_state_dict(state["stream"])
 

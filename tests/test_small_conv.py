@@ -145,6 +145,18 @@ def test_pointwise_only_on_the_smallest_maps(monkeypatch):
     assert sizes == [(1, 1), (2, 2)]
 
 
+@pytest.mark.parametrize("padding", [0, 1])
+def test_a_depthwise_1x1_is_not_taken_for_a_pointwise_one(padding):
+    """A 1x1 kernel with groups == channels is depthwise: the shifted products, not
+    ``F.linear`` (whose weight would be the wrong shape), and its padding kept."""
+    torch.manual_seed(0)
+    native, fast, x = _pair(nn.Conv2d(8, 8, 1, padding=padding, groups=8), 1)
+    out_a, gx_a, gp_a = _grads(native, x)
+    out_b, gx_b, gp_b = _grads(fast, x)
+    torch.testing.assert_close(out_b, out_a)
+    _assert_same_gradients([gx_b, *gp_b], [gx_a, *gp_a])
+
+
 def test_pytorch_path_where_it_does_not_pay(monkeypatch):
     """Dense convolutions on maps over 4 pixels, grouped (not depthwise) ones, no-grad
     passes and frozen weights keep PyTorch's own path."""

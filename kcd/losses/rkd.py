@@ -64,8 +64,11 @@ def angles(e: Tensor, eps: float = 1e-12) -> Tensor:
     squared = gram.diagonal()
     distance = (squared[:, None] + squared[None, :] - 2 * gram).clamp_min(eps * eps).sqrt()
     dot = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + squared[:, None, None]
-    other = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-    defined = other[:, :, None] & other[:, None, :]  # j != i and k != i
+    # e_j - e_i is a direction where e_j differs from e_i (the reference code's normalised
+    # zero vector gives 0): not for j == i, nor for a sample repeated in the batch, where the
+    # Gram form's rounding would be divided by the clamped distance
+    other = (e.detach()[:, None] != e.detach()[None, :]).any(-1)
+    defined = other[:, :, None] & other[:, None, :]
     norms = torch.where(defined, distance.clamp_min(eps)[:, :, None] * distance[:, None, :]
                         .clamp_min(eps), 1.0)
     return torch.where(defined, dot / norms, 0.0).to(e.dtype)

@@ -143,7 +143,7 @@ class SmallConv2d(nn.Conv2d):
         if (input.device.type == "cpu" and input.dim() == 4 and self.kernel_size != (1, 1)
                 and input.shape[-2:] == (1, 1) and self._same_padding()):
             return _centre_tap(input, weight, bias, self.groups)
-        if self.kernel_size == (1, 1):
+        if self.kernel_size == (1, 1) and self.groups == 1 and self.padding == (0, 0):
             if input.device.type == "cpu" and input.dim() == 4:
                 pixels = (((input.shape[-2] - 1) // self.stride[0] + 1)
                           * ((input.shape[-1] - 1) // self.stride[1] + 1))  # the output's
