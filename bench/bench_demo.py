@@ -20,7 +20,15 @@ temporary folder, runs ``python -m snakemake --cores N results/tables.md`` there
 ``--config-arg KEY=VALUE`` for Snakemake's ``--config``), times it and reports on that folder,
 which it keeps and prints.
 
-    python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE]
+The machine's speed that hour: this project's CPU machines are shared, and the same commit's
+demo has taken 16 and 24 minutes an hour apart. ``--run`` therefore also times a reference step
+before and after the demo (one ResNet-20 training step of the demo's shape: batch 32 of 32 px
+CIFAR-format images, one thread, fused SGD; the median of 5 means of 8 steps: the load varies
+from minute to minute, and the median follows it where a best time would hide it) and prints
+the wall time in those steps, a figure two runs on differently loaded hours can be compared by
+roughly. ``--reference`` times it once for a report on an earlier run.
+
+    python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE] [--reference]
     python bench/bench_demo.py --run [--cores 2] [--target results/tables.md]
                                [--config-arg 'seeds=[0,1,2]' ...]
 """
@@ -31,6 +39,7 @@ import io
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -205,6 +214,48 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def reference_step_ms(batch: int = 32, steps: int = 8, repeats: int = 5) -> float:
+    """Milliseconds of one demo-shaped ResNet-20 training step on one thread (the median of
+    ``repeats`` means of ``steps`` steps, after two warm-up steps)."""
+    import torch  # only here: the log report needs no torch
+    import torch.nn.functional as F
+
+    from kcd.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet20", 100).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
+                                    weight_decay=5e-4, fused=True)
+        x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 100, (batch,))
+
+        def run(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            return (time.perf_counter() - start) / n * 1000
+
+        run(2)
+        return statistics.median(run(steps) for _ in range(repeats))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def format_reference(rep: dict) -> str:
+    """The reference-step line of a report holding ``reference_ms`` (a list of 1-2 times)."""
+    times = rep["reference_ms"]
+    when = (f"{times[0]:.0f} ms before the run, {times[1]:.0f} ms after" if len(times) == 2
+            else f"{times[0]:.0f} ms")
+    mean = sum(times) / len(times)
+    return (f"reference step (ResNet-20, batch 32, 1 thread): {when}; the wall time is "
+            f"{rep['wall_s'] * 1000 / mean:,.0f} of those steps")
+
+
 def run_demo(cores: int, target: str, config_args: list[str]) -> tuple[Path, float]:
     """Run the demo in a fresh folder holding this checkout's HEAD; the folder and its wall s."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"],
@@ -244,6 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", default="results/tables.md", help="--run's target")
     parser.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="--run: passed to Snakemake's --config (repeatable)")
+    parser.add_argument("--reference", action="store_true",
+                        help="time the reference step now (--run: always, before and after)")
     args = parser.parse_args(argv)
     if args.run and (args.log or args.workdir != Path(".")):
         parser.error("--run makes its own folder; it takes no WORKDIR or --log")
@@ -252,14 +305,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    reference = []
     try:
-        workdir, measured = (run_demo(args.cores, args.target, args.config_arg) if args.run
-                             else (args.workdir, None))
+        if args.run:
+            reference.append(reference_step_ms())
+            workdir, measured = run_demo(args.cores, args.target, args.config_arg)
+            reference.append(reference_step_ms())
+        else:
+            workdir, measured = args.workdir, None
         rep = report(parse_log(args.log or find_log(workdir)), workdir, args.cores)
     except BenchError as e:
         print(f"bench_demo: error: {e}", file=sys.stderr)
         return 2
+    if args.reference and not args.run:
+        reference.append(reference_step_ms())
     print(format_report(rep))
+    if reference:
+        rep["reference_ms"] = reference
+        print(format_reference(rep))
     if measured is not None:
         rep.update(run_dir=str(workdir), measured_wall_s=measured)
         print(f"\nrun folder: {workdir} (Snakemake took {_mss(measured)})")

@@ -151,3 +151,35 @@ def test_run_arguments():
     with pytest.raises(SystemExit) as exit_:
         bench_demo.parse_args(["--run", "somewhere"])
     assert exit_.value.code == 2
+
+
+def test_the_reference_step_is_timed_and_converts_the_wall_time(run_dir, tmp_path, capsys,
+                                                                monkeypatch):
+    assert 0 < bench_demo.reference_step_ms(batch=2, steps=1, repeats=1) < 60_000
+
+    calls = []
+    monkeypatch.setattr(bench_demo, "reference_step_ms", lambda: calls.append(1) or 125.0)
+    out = tmp_path / "bench.json"
+    assert bench_demo.main([str(run_dir), "--json", str(out)]) == 0  # not asked for: not timed
+    assert calls == [] and "reference step" not in capsys.readouterr().out
+    assert "reference_ms" not in json.loads(out.read_text())
+
+    assert bench_demo.main([str(run_dir), "--reference", "--json", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert calls == [1] and json.loads(out.read_text())["reference_ms"] == [125.0]
+    assert line.startswith("reference step (ResNet-20, batch 32, 1 thread): 125 ms;")
+    assert line.endswith("the wall time is 800 of those steps")  # 100 s / 0.125 s
+
+
+def test_run_times_the_reference_step_before_and_after(tmp_path, run_dir, capsys, monkeypatch):
+    times = iter([100.0, 150.0])
+    order = []
+    monkeypatch.setattr(bench_demo, "reference_step_ms",
+                        lambda: order.append("reference") or next(times))
+    monkeypatch.setattr(bench_demo, "run_demo",
+                        lambda cores, target, config: order.append("demo") or (run_dir, 101.0))
+    assert bench_demo.main(["--run"]) == 0
+    assert order == ["reference", "demo", "reference"]
+    text = capsys.readouterr().out
+    assert ("100 ms before the run, 150 ms after; the wall time is 800 of those steps"  # /0.125
+            in text)
