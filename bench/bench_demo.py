@@ -28,7 +28,13 @@ from minute to minute, and the median follows it where a best time would hide it
 the wall time in those steps, a figure two runs on differently loaded hours can be compared by
 roughly. ``--reference`` times it once for a report on an earlier run.
 
+``--targets T [T ...]`` prices parts of the DAG from that run: for each target (say
+``results/table7.csv``) and for all of them together, the jobs ``snakemake -n --forceall``
+lists for it and the job time they took in the run, so a person can see what building only some
+tables would save.
+
     python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE] [--reference]
+                               [--targets results/table7.csv results/table8.csv ...]
     python bench/bench_demo.py --run [--cores 2] [--target results/tables.md]
                                [--config-arg 'seeds=[0,1,2]' ...]
 """
@@ -214,6 +220,42 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def dry_run_outputs(workdir: Path, targets: list[str]) -> set[str]:
+    """Every output of the jobs ``snakemake -n --forceall TARGETS`` plans in ``workdir``."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", *targets],
+                          cwd=workdir, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(workdir)})
+    if proc.returncode:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise BenchError(f"snakemake -n {' '.join(targets)} failed in {workdir}: {last}")
+    return {out.strip() for line in proc.stdout.splitlines() if line.startswith("    output: ")
+            for out in line[len("    output: "):].split(",")}
+
+
+def target_rows(workdir: Path, run: Run, targets: list[str]) -> list[dict]:
+    """Per target, then all ``targets`` together (when more than one): the run's jobs that
+    produce an output the target's dry run plans, their count, job time and share."""
+    total = sum(j.seconds for j in run.jobs) or 1.0
+    groups = [[t] for t in targets] + ([targets] if len(targets) > 1 else [])
+    rows = []
+    for group in groups:
+        planned = dry_run_outputs(workdir, group)
+        jobs = [j for j in run.jobs if planned.intersection(o.strip() for o in j.outputs)]
+        seconds = sum(j.seconds for j in jobs)
+        rows.append({"targets": group, "jobs": len(jobs), "job_s": seconds,
+                     "share": seconds / total})
+    return rows
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = ["", "job time by target (the run's jobs that `snakemake -n --forceall TARGET` "
+             "plans)", f"{'target':<40} {'jobs':>5} {'job s':>8} {'share':>7}"]
+    for row in rows:
+        name = row["targets"][0] if len(row["targets"]) == 1 else "all of the above"
+        lines.append(f"{name:<40} {row['jobs']:>5} {row['job_s']:>8.0f} {row['share']:>6.1%}")
+    return "\n".join(lines)
+
+
 def reference_step_ms(batch: int = 32, steps: int = 8, repeats: int = 5) -> float:
     """Milliseconds of one demo-shaped ResNet-20 training step on one thread (the median of
     ``repeats`` means of ``steps`` steps, after two warm-up steps)."""
@@ -295,6 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--target", default="results/tables.md", help="--run's target")
     parser.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="--run: passed to Snakemake's --config (repeatable)")
+    parser.add_argument("--targets", nargs="+", default=[], metavar="TARGET",
+                        help="also price these targets: the job time of the jobs each needs")
     parser.add_argument("--reference", action="store_true",
                         help="time the reference step now (--run: always, before and after)")
     args = parser.parse_args(argv)
@@ -313,13 +357,18 @@ def main(argv: list[str] | None = None) -> int:
             reference.append(reference_step_ms())
         else:
             workdir, measured = args.workdir, None
-        rep = report(parse_log(args.log or find_log(workdir)), workdir, args.cores)
+        run = parse_log(args.log or find_log(workdir))
+        rep = report(run, workdir, args.cores)
+        if args.targets:
+            rep["targets"] = target_rows(workdir, run, args.targets)
     except BenchError as e:
         print(f"bench_demo: error: {e}", file=sys.stderr)
         return 2
     if args.reference and not args.run:
         reference.append(reference_step_ms())
     print(format_report(rep))
+    if args.targets:
+        print(format_targets(rep["targets"]))
     if reference:
         rep["reference_ms"] = reference
         print(format_reference(rep))

@@ -183,3 +183,39 @@ def test_run_times_the_reference_step_before_and_after(tmp_path, run_dir, capsys
     text = capsys.readouterr().out
     assert ("100 ms before the run, 150 ms after; the wall time is 800 of those steps"  # /0.125
             in text)
+
+
+SNAKEFILE = """\
+rule pretrain:
+    output: "results/models/{m}/final.pt", "results/models/{m}/result.json"
+    shell: "touch {output}"
+
+rule distill:
+    input: lambda w: {"c": "results/models/a/final.pt", "d": "results/models/b/final.pt"}[w.r]
+    output: "results/runs/{r}/final.pt"
+    shell: "touch {output}"
+"""
+
+
+def test_targets_are_priced_by_the_jobs_their_dry_run_plans(run_dir, tmp_path, capsys):
+    (run_dir / "Snakefile").write_text(SNAKEFILE)
+    out = tmp_path / "bench.json"
+    assert bench_demo.main([str(run_dir), "--json", str(out), "--targets",
+                            "results/runs/c/final.pt", "results/runs/d/final.pt"]) == 0
+    rows = json.loads(out.read_text())["targets"]
+    # c: distill c (30 s) + pretrain a (40 s); d: distill d (40 s) + pretrain b (60 s)
+    assert [(r["targets"], r["jobs"], r["job_s"]) for r in rows] == [
+        (["results/runs/c/final.pt"], 2, 70), (["results/runs/d/final.pt"], 2, 100),
+        (["results/runs/c/final.pt", "results/runs/d/final.pt"], 4, 170)]
+    assert rows[0]["share"] == pytest.approx(70 / 170)
+    text = capsys.readouterr().out
+    assert text.splitlines()[-1].split() == ["all", "of", "the", "above", "4", "170", "100.0%"]
+
+
+def test_a_target_snakemake_cannot_plan_is_one_line_and_status_2(run_dir, capsys):
+    (run_dir / "Snakefile").write_text(SNAKEFILE)
+    assert bench_demo.main([str(run_dir), "--targets", "results/nothing.csv"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 1
+    assert lines[0].startswith("bench_demo: error: snakemake -n results/nothing.csv failed")
