@@ -23,7 +23,7 @@ which it keeps and prints.
 The machine's speed that hour: this project's CPU machines are shared, and the same commit's
 demo has taken 16 and 24 minutes an hour apart. ``--run`` therefore also times a reference step
 before and after the demo (one ResNet-20 training step of the demo's shape: batch 32 of 32 px
-CIFAR-format images, one thread, fused SGD; the median of 5 means of 8 steps: the load varies
+CIFAR-format images, one thread, momentum SGD; the median of 5 means of 8 steps: the load varies
 from minute to minute, and the median follows it where a best time would hide it) and prints
 the wall time in those steps, a figure two runs on differently loaded hours can be compared by
 roughly. ``--reference`` times it once for a report on an earlier run.
@@ -260,30 +260,21 @@ def reference_step_ms(batch: int = 32, steps: int = 8, repeats: int = 5) -> floa
     """Milliseconds of one demo-shaped ResNet-20 training step on one thread (the median of
     ``repeats`` means of ``steps`` steps, after two warm-up steps)."""
     import torch  # only here: the log report needs no torch
-    import torch.nn.functional as F
 
     from kcd.models import build_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_small_conv import step_ms  # the same timed step as the convolution benchmark
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
         model = build_model("resnet20", 100).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
-                                    weight_decay=5e-4, fused=True)
         x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 100, (batch,))
-
-        def run(n: int) -> float:
-            start = time.perf_counter()
-            for _ in range(n):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                optimizer.step()
-            return (time.perf_counter() - start) / n * 1000
-
-        run(2)
-        return statistics.median(run(steps) for _ in range(repeats))
+        step_ms(model, x, y, 2)  # warm-up: oneDNN primitives, allocator
+        return statistics.median(step_ms(model, x, y, steps) for _ in range(repeats))
     finally:
         torch.set_num_threads(threads)
 
