@@ -23,15 +23,17 @@ which it keeps and prints.
 The machine's speed that hour: this project's CPU machines are shared, and the same commit's
 demo has taken 16 and 24 minutes an hour apart. ``--run`` therefore also times a reference step
 before and after the demo (one ResNet-20 training step of the demo's shape: batch 32 of 32 px
-CIFAR-format images, one thread, momentum SGD; the median of 5 means of 8 steps: the load varies
+CIFAR-format images, one thread, PyTorch's own convolution gradients and unfused momentum SGD,
+as in ``bench/bench_small_conv.py``'s PyTorch column; the median of 5 means of 8 steps: the load varies
 from minute to minute, and the median follows it where a best time would hide it) and prints
 the wall time in those steps, a figure two runs on differently loaded hours can be compared by
 roughly. ``--reference`` times it once for a report on an earlier run.
 
 ``--targets T [T ...]`` prices parts of the DAG from that run: for each target (say
-``results/table7.csv``) and for all of them together, the jobs ``snakemake -n --forceall``
-lists for it and the job time they took in the run, so a person can see what building only some
-tables would save.
+``results/table7.csv``) and, given more than one, for all of them together, the jobs
+``snakemake -n --forceall`` lists for it (with the ``--config-arg`` values, which should be the
+run's) and the job time they took in the run, so a person can see what building only some tables
+would save; a warning names a target whose planned jobs the run's log lacks.
 
     python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE] [--reference]
                                [--targets results/table7.csv results/table8.csv ...]
@@ -85,6 +87,11 @@ class Run:
     complete: bool
 
 
+def split_outputs(text: str) -> list[str]:
+    """The paths of an ``output:`` line, as Snakemake prints them in logs and dry runs."""
+    return [path.strip() for path in text.split(", ")]
+
+
 def find_log(workdir: Path) -> Path:
     logs = sorted((workdir / ".snakemake" / "log").glob("*.snakemake.log"))
     if not logs:
@@ -114,7 +121,7 @@ def parse_log(path: Path) -> Run:
             continue
         elif block and (m := FIELD.match(line)):
             if m[1] == "output":
-                block.outputs = m[2].split(", ")
+                block.outputs = split_outputs(m[2])
             elif m[1] == "jobid":
                 started[int(m[2])] = block
             continue
@@ -220,30 +227,37 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
-def dry_run_outputs(workdir: Path, targets: list[str]) -> set[str]:
-    """Every output of the jobs ``snakemake -n --forceall TARGETS`` plans in ``workdir``."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", *targets],
-                          cwd=workdir, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(workdir)})
+def dry_run_outputs(workdir: Path, targets: list[str], config_args: list[str]) -> list[list[str]]:
+    """The outputs of each job ``snakemake -n --forceall TARGETS [--config ...]`` plans in
+    ``workdir``."""
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--forceall", *targets]
+    if config_args:
+        cmd += ["--config", *config_args]
+    proc = subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "PYTHONPATH": str(workdir)})
     if proc.returncode:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise BenchError(f"snakemake -n {' '.join(targets)} failed in {workdir}: {last}")
-    return {out.strip() for line in proc.stdout.splitlines() if line.startswith("    output: ")
-            for out in line[len("    output: "):].split(",")}
+        lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+        raise BenchError(f"snakemake -n --forceall {' '.join(targets)} failed in {workdir}: "
+                         f"{lines[-1] if lines else 'no output'}")
+    return [split_outputs(FIELD.match(line)[2]) for line in proc.stdout.splitlines()
+            if line.startswith("    output: ")]
 
 
-def target_rows(workdir: Path, run: Run, targets: list[str]) -> list[dict]:
+def target_rows(workdir: Path, run: Run, targets: list[str],
+                config_args: list[str] = ()) -> list[dict]:
     """Per target, then all ``targets`` together (when more than one): the run's jobs that
-    produce an output the target's dry run plans, their count, job time and share."""
+    produce an output the target's dry run plans, their count, job time and share, and how
+    many jobs the dry run planned (more than were found: the log lacks some of them)."""
     total = sum(j.seconds for j in run.jobs) or 1.0
     groups = [[t] for t in targets] + ([targets] if len(targets) > 1 else [])
     rows = []
     for group in groups:
-        planned = dry_run_outputs(workdir, group)
-        jobs = [j for j in run.jobs if planned.intersection(o.strip() for o in j.outputs)]
+        planned = dry_run_outputs(workdir, group, list(config_args))
+        wanted = {path for outputs in planned for path in outputs}
+        jobs = [j for j in run.jobs if wanted.intersection(j.outputs)]
         seconds = sum(j.seconds for j in jobs)
-        rows.append({"targets": group, "jobs": len(jobs), "job_s": seconds,
-                     "share": seconds / total})
+        rows.append({"targets": group, "planned": len(planned), "jobs": len(jobs),
+                     "job_s": seconds, "share": seconds / total})
     return rows
 
 
@@ -253,28 +267,38 @@ def format_targets(rows: list[dict]) -> str:
     for row in rows:
         name = row["targets"][0] if len(row["targets"]) == 1 else "all of the above"
         lines.append(f"{name:<40} {row['jobs']:>5} {row['job_s']:>8.0f} {row['share']:>6.1%}")
+    missing = [row for row in rows if row["planned"] != row["jobs"]]
+    for row in missing:
+        lines.append(f"warning: {' '.join(row['targets'])}: the dry run plans {row['planned']} "
+                     f"jobs, this run's log has {row['jobs']} of them (a partial or resumed "
+                     f"run, or other --config-arg values than the run's)")
     return "\n".join(lines)
 
 
 def reference_step_ms(batch: int = 32, steps: int = 8, repeats: int = 5) -> float:
     """Milliseconds of one demo-shaped ResNet-20 training step on one thread (the median of
     ``repeats`` means of ``steps`` steps, after two warm-up steps)."""
+    import importlib.util
+
     import torch  # only here: the log report needs no torch
 
     from kcd.models import build_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_small_conv import step_ms  # the same timed step as the convolution benchmark
+    spec = importlib.util.spec_from_file_location("bench_small_conv",
+                                                  REPO / "bench" / "bench_small_conv.py")
+    small_conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(small_conv)  # its step_ms: the same timed step as that benchmark
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        model = build_model("resnet20", 100).to(memory_format=torch.channels_last)
-        x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, 100, (batch,))
-        step_ms(model, x, y, 2)  # warm-up: oneDNN primitives, allocator
-        return statistics.median(step_ms(model, x, y, steps) for _ in range(repeats))
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = build_model("resnet20", 100).to(memory_format=torch.channels_last)
+            x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            y = torch.randint(0, 100, (batch,))
+        small_conv.step_ms(model, x, y, 2)  # warm-up: oneDNN primitives, allocator
+        return statistics.median(small_conv.step_ms(model, x, y, steps) for _ in range(repeats))
     finally:
         torch.set_num_threads(threads)
 
@@ -327,7 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run the demo from this checkout's HEAD in a fresh folder first")
     parser.add_argument("--target", default="results/tables.md", help="--run's target")
     parser.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="--run: passed to Snakemake's --config (repeatable)")
+                        help="passed to Snakemake's --config by --run and by --targets' dry "
+                        "runs (repeatable): give the run's own values")
     parser.add_argument("--targets", nargs="+", default=[], metavar="TARGET",
                         help="also price these targets: the job time of the jobs each needs")
     parser.add_argument("--reference", action="store_true",
@@ -350,16 +375,19 @@ def main(argv: list[str] | None = None) -> int:
             workdir, measured = args.workdir, None
         run = parse_log(args.log or find_log(workdir))
         rep = report(run, workdir, args.cores)
-        if args.targets:
-            rep["targets"] = target_rows(workdir, run, args.targets)
     except BenchError as e:
         print(f"bench_demo: error: {e}", file=sys.stderr)
         return 2
     if args.reference and not args.run:
         reference.append(reference_step_ms())
     print(format_report(rep))
+    error = None
     if args.targets:
-        print(format_targets(rep["targets"]))
+        try:  # after the report: a target that cannot be planned keeps a long run's numbers
+            rep["targets"] = target_rows(workdir, run, args.targets, args.config_arg)
+            print(format_targets(rep["targets"]))
+        except BenchError as e:
+            error = e
     if reference:
         rep["reference_ms"] = reference
         print(format_reference(rep))
@@ -368,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun folder: {workdir} (Snakemake took {_mss(measured)})")
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2) + "\n")
+    if error:
+        print(f"bench_demo: error: {error}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

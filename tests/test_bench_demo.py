@@ -155,7 +155,12 @@ def test_run_arguments():
 
 def test_the_reference_step_is_timed_and_converts_the_wall_time(run_dir, tmp_path, capsys,
                                                                 monkeypatch):
+    import torch
+
+    threads, state = torch.get_num_threads(), torch.random.get_rng_state()
     assert 0 < bench_demo.reference_step_ms(batch=2, steps=1, repeats=1) < 60_000
+    assert torch.get_num_threads() == threads  # one thread while timing, then restored
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG untouched
 
     calls = []
     monkeypatch.setattr(bench_demo, "reference_step_ms", lambda: calls.append(1) or 125.0)
@@ -214,8 +219,40 @@ def test_targets_are_priced_by_the_jobs_their_dry_run_plans(run_dir, tmp_path, c
 
 def test_a_target_snakemake_cannot_plan_is_one_line_and_status_2(run_dir, capsys):
     (run_dir / "Snakefile").write_text(SNAKEFILE)
+    profile = run_dir / "workflow" / "profiles" / "default"  # as in the project: its notice
+    profile.mkdir(parents=True)                               # goes to stderr, the error not
+    (profile / "config.yaml").write_text("cores: 1\n")
     assert bench_demo.main([str(run_dir), "--targets", "results/nothing.csv"]) == 2
     captured = capsys.readouterr()
+    assert "pretrain" in captured.out  # the report of the run is kept
     lines = captured.err.splitlines()
-    assert captured.out == "" and len(lines) == 1
-    assert lines[0].startswith("bench_demo: error: snakemake -n results/nothing.csv failed")
+    assert len(lines) == 1
+    assert lines[0].startswith("bench_demo: error: snakemake -n --forceall results/nothing.csv "
+                               f"failed in {run_dir}: ")
+    assert "results/nothing.csv" in lines[0].split("failed in", 1)[1], lines[0]
+
+
+def test_targets_use_the_config_args_and_warn_when_the_log_lacks_planned_jobs(
+        run_dir, tmp_path, capsys):
+    # the run's log holds c and d; with extra=e the dry run also plans distill e (pretrain a)
+    (run_dir / "Snakefile").write_text(SNAKEFILE.replace(
+        '{"c": "results/models/a/final.pt",',
+        '{"e": "results/models/a/final.pt", "c": "results/models/a/final.pt",') + """
+rule all:
+    input: ["results/runs/c/final.pt"] + [f"results/runs/{r}/final.pt" for r in config.get("extra", [])]
+""")
+    out = tmp_path / "bench.json"
+    assert bench_demo.main([str(run_dir), "--json", str(out), "--targets", "all"]) == 0
+    # jobs with outputs: distill c and pretrain a, both in the log
+    assert [(r["planned"], r["jobs"]) for r in json.loads(out.read_text())["targets"]] == [(2, 2)]
+    assert "warning" not in capsys.readouterr().out
+    assert bench_demo.main([str(run_dir), "--json", str(out), "--targets", "all",
+                            "--config-arg", "extra=[e]"]) == 0
+    row = json.loads(out.read_text())["targets"][0]
+    assert (row["planned"], row["jobs"], row["job_s"]) == (3, 2, 70)  # + distill e, not run
+    assert ("warning: all: the dry run plans 3 jobs, this run's log has 2 of them"
+            in capsys.readouterr().out)
+
+
+def test_output_lines_split_as_snakemake_prints_them():
+    assert bench_demo.split_outputs("a/b.pt, c d/e,f.json") == ["a/b.pt", "c d/e,f.json"]
