@@ -62,15 +62,19 @@ def angles(e: Tensor, eps: float = 1e-12) -> Tensor:
     centred = (e - e.mean(0)).double()
     gram = centred @ centred.t()
     squared = gram.diagonal()
-    distance = (squared[:, None] + squared[None, :] - 2 * gram).clamp_min(eps * eps).sqrt()
+    between = squared[:, None] + squared[None, :]
+    squared_distance = between - 2 * gram
+    distance = squared_distance.clamp_min(eps * eps).sqrt()
     dot = gram[None, :, :] - gram[:, :, None] - gram[:, None, :] + squared[:, None, None]
     # e_j - e_i is a direction where e_j differs from e_i (the reference code's normalised
-    # zero vector gives 0): not for j == i, nor for a sample repeated in the batch, where the
-    # Gram form's rounding would be divided by the clamped distance
-    _, sample = torch.unique(e.detach(), dim=0, return_inverse=True)  # equal rows, one id
-    other = sample[:, None] != sample[None, :]  # (a b x b x c comparison would cost 4 ms)
+    # zero vector gives 0): not for j == i, nor for a sample repeated in the batch, whose
+    # squared distance is the Gram form's float64 rounding (~1e-16 of the norms; dividing by
+    # it gave angles of 1e13). Pairs closer than 1e-5 of their norms count as one sample: a
+    # test on the b x b matrix, with no host synchronisation (torch.unique would wait for the
+    # GPU every step) and no b x b x c comparison.
+    other = squared_distance > 1e-10 * between
     defined = other[:, :, None] & other[:, None, :]
-    norms = torch.where(defined, distance[:, :, None] * distance[:, None, :], 1.0)  # >= eps^2
+    norms = torch.where(defined, distance[:, :, None] * distance[:, None, :], 1.0)
     return torch.where(defined, dot / norms, 0.0).to(e.dtype)
 
 
