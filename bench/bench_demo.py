@@ -24,10 +24,10 @@ The machine's speed that hour: this project's CPU machines are shared, and the s
 demo has taken 16 and 24 minutes an hour apart. ``--run`` therefore also times a reference step
 before and after the demo (one ResNet-20 training step of the demo's shape: batch 32 of 32 px
 CIFAR-format images, one thread, PyTorch's own convolution gradients and unfused momentum SGD,
-as in ``bench/bench_small_conv.py``'s PyTorch column; the median of 5 means of 8 steps: the load varies
-from minute to minute, and the median follows it where a best time would hide it) and prints
-the wall time in those steps, a figure two runs on differently loaded hours can be compared by
-roughly. ``--reference`` times it once for a report on an earlier run.
+as in ``bench/bench_small_conv.py``'s PyTorch column; the median of 5 means of 8 steps: the
+load varies from minute to minute, and the median follows it where a best time would hide it)
+and prints the wall time in those steps, a figure two runs on differently loaded hours can be
+compared by roughly. ``--reference`` times it once for a report on an earlier run.
 
 ``--targets T [T ...]`` prices parts of the DAG from that run: for each target (say
 ``results/table7.csv``) and, given more than one, for all of them together, the jobs

@@ -196,6 +196,18 @@ def test_rkd_angles_in_float32_equal_the_difference_vectors_in_float64(channels,
     assert grad[[2, 9]].abs().max() < 10 * grad[rest].abs().max()
 
 
+def test_rkd_angles_keep_a_close_but_distinct_sample():
+    """Only a repeated sample loses its directions: one 1e-3 of the norm away keeps them."""
+    torch.manual_seed(1)
+    e = torch.randn(8, 256, dtype=torch.float64)
+    e[5] = e[1] + 1e-3 * torch.randn(256, dtype=torch.float64) * e[1].norm() / 16
+    directions = torch.nn.functional.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)
+    reference = directions @ directions.transpose(1, 2)
+    got = angles(e)
+    assert got[1, 5, 5] == pytest.approx(1.0) and got[5, 1, 1] == pytest.approx(1.0)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-9)
+
+
 def test_rkd_with_transform_adds_kcd_l2_term():
     s, t = rand(B, 3, 2, 2, seed=1), rand(B, 6, 2, 2, seed=2)
     perm = Permute([4, 0, 2], c_t=6)
