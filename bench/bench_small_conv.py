@@ -6,6 +6,14 @@ of each is kept, so load from other processes disturbs the ratio less); each tim
 of ``--steps`` SGD steps (forward, cross-entropy, backward, update). The last column is the
 largest gradient difference between the two, relative to the largest gradient.
 
+How close a step comes to what the core can do: ``gflop`` is one step's floating-point work as
+``torch.utils.flop_counter`` counts it (convolutions and matrix products, forward and backward;
+batch norm, activations and the update are not counted), ``gflop/s`` that work over the faster
+column's time, and ``of peak`` that rate over the rate of one large float32 matrix product
+(2048 x 2048, printed first) on the same threads: the most this machine's cores give any of
+these steps. A step at 0.6 of it leaves a third at most to gain by computing the same work
+faster; beyond that only less work (fewer or smaller steps) is faster.
+
     python bench/bench_small_conv.py [--models mobilenetv2_0.5x resnet18 ...] [--batch 32]
                                      [--size 32] [--steps 8] [--repeats 3] [--threads 1]
 """
@@ -18,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from kcd.models import build_model, model_spec
 from kcd.models.small_conv import use_small_conv_grads
@@ -42,6 +51,27 @@ def step_ms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> f
     return (time.perf_counter() - start) / steps * 1000
 
 
+def step_gflop(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One training step's convolution and matrix-product work (forward and backward), GFLOP."""
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    """The best rate of ``repeats`` float32 ``size`` x ``size`` matrix products, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
 def gradient_gap(native: nn.Module, fast: nn.Module, x, y) -> float:
     for m in (native, fast):
         m.zero_grad(set_to_none=True)
@@ -64,10 +94,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    peak = matmul_gflops()
     print(f"batch {args.batch}, {args.threads} thread(s), best of {args.repeats} x "
-          f"{args.steps} steps, channels_last")
+          f"{args.steps} steps, channels_last; peak (2048 x 2048 float32 matrix product) "
+          f"{peak:.1f} GFLOP/s")
     print(f"{'model':18s} {'size':>4s} {'switched':>8s} {'pytorch ms':>10s} {'kcd ms':>8s} "
-          f"{'speed-up':>8s} {'grad gap':>9s}")
+          f"{'speed-up':>8s} {'grad gap':>9s} {'gflop':>7s} {'gflop/s':>8s} {'of peak':>7s}")
     for name in args.models:
         classes = 100 if model_spec(name).family == "cifar" else 10
         size = 32 if model_spec(name).family == "cifar" else args.size
@@ -78,14 +110,17 @@ def main(argv: list[str] | None = None) -> None:
         x = torch.randn(args.batch, 3, size, size).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, classes, (args.batch,))
         gap = gradient_gap(native, fast, x, y)
+        work = step_gflop(native, x, y)
         step_ms(native, x, y, 2)  # warm-up: oneDNN primitives, allocator
         step_ms(fast, x, y, 2)
         best = [float("inf"), float("inf")]
         for _ in range(args.repeats):
             for i, model in enumerate((native, fast)):
                 best[i] = min(best[i], step_ms(model, x, y, args.steps))
+        rate = work / (min(best) / 1000)
         print(f"{name:18s} {size:4d} {switched:8d} {best[0]:10.1f} {best[1]:8.1f} "
-              f"{best[0] / best[1]:7.2f}x {gap:9.1e}", flush=True)
+              f"{best[0] / best[1]:7.2f}x {gap:9.1e} {work:7.3f} {rate:8.1f} {rate / peak:7.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
