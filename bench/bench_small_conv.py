@@ -11,8 +11,8 @@ How close a step comes to what the core can do: ``gflop`` is one step's floating
 batch norm, activations and the update are not counted), ``gflop/s`` that work over the faster
 column's time, and ``of peak`` that rate over the rate of one large float32 matrix product
 (2048 x 2048, printed first) on the same threads: the most this machine's cores give any of
-these steps. A step at 0.6 of it leaves a third at most to gain by computing the same work
-faster; beyond that only less work (fewer or smaller steps) is faster.
+these steps. A step at 0.6 of it could become at most 1 / 0.6 = 1.7x faster by computing the
+same work faster (less what the uncounted work takes); beyond that only less work is faster.
 
     python bench/bench_small_conv.py [--models mobilenetv2_0.5x resnet18 ...] [--batch 32]
                                      [--size 32] [--steps 8] [--repeats 3] [--threads 1]

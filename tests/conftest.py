@@ -1,12 +1,24 @@
-"""Shared fixtures: tiny demo data (written once per session) and a tiny pipeline config."""
+"""Shared fixtures: tiny demo data (written once per session) and a tiny pipeline config; the
+benchmark scripts loaded as modules."""
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as the module ``name`` (registered: dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

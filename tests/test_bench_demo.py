@@ -1,14 +1,12 @@
 """bench/bench_demo.py on a synthetic Snakemake log: per-rule times, wall, efficiency, phases."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_bench
 
-REPO = Path(__file__).resolve().parents[1]
 
 # four jobs of two rules: pretrain 40 s and 60 s, distill 30 s and 40 s; wall 1:40
 LOG = """\
@@ -60,15 +58,7 @@ Complete log(s): .snakemake/log/2026-12-02T050000.000000.snakemake.log
 """
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_demo", REPO / "bench" / "bench_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_demo"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_demo = _load()
+bench_demo = load_bench("bench_demo")
 
 
 def _write(path: Path, text: str) -> None:

@@ -3,7 +3,6 @@ gradients, and a step's counted work, its rate and that rate's share of the matr
 peak agree with each other."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -11,17 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_small_conv",
-                                                  REPO / "bench" / "bench_small_conv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("bench_small_conv")
 
 
 def test_prints_a_row_per_model_with_equal_gradients_and_its_share_of_peak():
