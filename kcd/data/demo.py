@@ -101,7 +101,7 @@ COCO_MAX_OBJECTS = 4
 class DemoSizes:
     """How much demo data to write; the defaults make the demo scale of the pipeline."""
 
-    cifar_train_per_class: int = 50
+    cifar_train_per_class: int = 100
     cifar_test_per_class: int = 10
     imagenet_classes: int = 10
     imagenet_train_per_class: int = 100
