@@ -61,10 +61,15 @@ class Layout:
         """A (teacher, student) pair by weight tags."""
         return f"{teacher}-{tw}__{student}-{sw}"
 
+    @staticmethod
+    def is_theta0(tag: str) -> bool:
+        """Whether a weight tag names initial weights (``s<seed>-init``), not a trained model."""
+        return tag.endswith("-init")
+
     def weights(self, ds: str, arch: str, tag: str) -> str:
         """The weights a tag names: the trained model, or theta0 for ``s<seed>-init``."""
         seed = tag[1:].removesuffix("-init")
-        return self.theta0(ds, arch, seed) if tag.endswith("-init") else self.final(ds, arch, seed)
+        return self.theta0(ds, arch, seed) if self.is_theta0(tag) else self.final(ds, arch, seed)
 
     def decoded(self, ds: str) -> str:
         """The folder of a dataset's decoded splits (``<split>.pt``)."""

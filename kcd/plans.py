@@ -257,11 +257,15 @@ class Plans:
 
     # ------------------------------------------------------------------ statistics, transforms
 
-    def stats_groups(self, ds: str, teacher: str, student: str) -> list[int]:
-        """Table 6's per-class statistics (K > 1) are computed for the ablation pair only."""
+    def stats_groups(self, ds: str, teacher: str, tw: str, student: str, sw: str) -> list[int]:
+        """Table 6's per-class statistics (K > 1), computed for the ablation pair's trained
+        weights only: its K-group transforms are computed from them, never from theta0 (Tables
+        3 and 4's theta0 pairs would otherwise carry a cross matrix per group they never read:
+        at demo scale 316 MB of each 379 MB file)."""
         a = self.ablations
         if (ds, teacher, student) != (a.get("dataset"), a.get("teacher"), a.get("student")) \
-                or 6 not in self.ablation_tables():
+                or 6 not in self.ablation_tables() \
+                or self.layout.is_theta0(tw) or self.layout.is_theta0(sw):
             return []
         return sorted(k for k in a.get("groups", []) if k > 1)
 
@@ -273,7 +277,7 @@ class Plans:
             self.cfg, dataset=ds, teacher=teacher, teacher_weights=L.weights(ds, teacher, tw),
             student=student, student_weights=L.weights(ds, student, sw),
             out=L.stats(ds, teacher, tw, student, sw),
-            groups=self.stats_groups(ds, teacher, student)))
+            groups=self.stats_groups(ds, teacher, tw, student, sw)))
 
     def learn_spec(self, ds: str, teacher: str, tw: str, student: str, sw: str,
                    name: str) -> dict:

@@ -341,3 +341,18 @@ def test_the_cost_plan_gives_gpu_hours_for_tables_7_and_8(dry_runs):
     assert 0 < t7 < t8 < total
     assert {r["model"] for r in t8_rows if r["rule"] == "distill"} == {"resnet18",
                                                                       "mobilenetv2_0.5x"}
+
+
+def test_per_class_statistics_are_computed_where_a_k_group_transform_reads_them(paper):
+    """Table 6's K-group cross matrices (one per group, c_t x c_s in fp64) go into exactly the
+    statistics files its K > 1 transforms read, with every K they ask for, and no other."""
+    _, jobs, _ = paper
+    wanted: dict[str, set[int]] = {}
+    for job in jobs:
+        if job.rule == "transform" and int(job.args.get("groups", 0)) > 1:
+            (stats,) = job.inputs
+            wanted.setdefault(stats, set()).add(int(job.args["groups"]))
+    assert wanted, "no K-group transform in the dry run"
+    computed = {j.outputs[0]: set(j.spec["groups"]) for j, _ in _specs(jobs, "statistics")
+                if j.spec["groups"]}
+    assert computed == wanted

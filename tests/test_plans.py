@@ -96,8 +96,12 @@ def test_dynamic_runs_and_per_class_statistics_belong_to_the_ablation_pair(paper
     spec = paper.distill_spec(*IMAGENET_PAIR[:2], 0, IMAGENET_PAIR[2], "l2",
                               "bipartite-correlation+dyn", 0)
     assert spec["distill"]["dynamic_every"] == 3125
-    assert paper.stats_groups(*IMAGENET_PAIR) == [10, 100, 1000]
-    assert paper.stats_groups("imagenet", "resnet50", "resnet18") == []
+    ds, teacher, student = IMAGENET_PAIR
+    assert paper.stats_groups(ds, teacher, "s0", student, "s1") == [10, 100, 1000]
+    # Table 6's K-group transforms read trained pairs only: theta0 pairs (Tables 3, 4) skip them
+    for tw, sw in (("s0-init", "s0"), ("s0", "s0-init"), ("s0-init", "s0-init")):
+        assert paper.stats_groups(ds, teacher, tw, student, sw) == []
+    assert paper.stats_groups("imagenet", "resnet50", "s0", "resnet18", "s0") == []
 
 
 def test_transform_arguments_and_names_come_from_one_grammar(demo):
