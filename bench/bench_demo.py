@@ -29,6 +29,14 @@ load varies from minute to minute, and the median follows it where a best time w
 and prints the wall time in those steps, a figure two runs on differently loaded hours can be
 compared by roughly. ``--reference`` times it once for a report on an earlier run.
 
+The table cells: every number the run's ``results/table*.csv`` computed (the "ours" columns,
+their std and seed counts, the teacher's score; not the paper's numbers or the differences), as
+``"table7/FitNets/resnet20": 48.4``, go into ``--json``'s ``cells``. ``--compare FILE`` reads
+an earlier ``--json`` file (say ``bench/demo_cells.json``, the cells of a recorded run) and prints
+each cell that is new, gone or different; the exit status is then 1 when any is. The demo is
+deterministic on one machine type as long as no computation changes, so a change meant to leave
+the numbers alone is checked by ``--run --compare bench/demo_cells.json``.
+
 ``--targets T [T ...]`` prices parts of the DAG from that run: for each target (say
 ``results/table7.csv``) and, given more than one, for all of them together, the jobs
 ``snakemake -n --forceall`` lists for it (with the ``--config-arg`` values, which should be the
@@ -38,11 +46,13 @@ would save; a warning names a target whose planned jobs the run's log lacks.
     python bench/bench_demo.py [WORKDIR] [--log FILE] [--cores 2] [--json FILE] [--reference]
                                [--targets results/table7.csv results/table8.csv ...]
     python bench/bench_demo.py --run [--cores 2] [--target results/tables.md]
+                               [--compare bench/demo_cells.json]
                                [--config-arg 'seeds=[0,1,2]' ...]
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import os
@@ -188,6 +198,67 @@ def phase_rows(workdir: Path, jobs: list[Job]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["total_s"], r["rule"], r["phase"]))
 
 
+# columns of a table CSV that are not the run's own numbers (or not numbers)
+NOT_CELLS = ("table", "dataset", "teacher", "row", "method", "transform", "note")
+NOT_CELL_SUFFIXES = ("_paper", "_diff", "_runs")
+
+
+def table_cells(results: Path) -> dict[str, float]:
+    """Every number the pipeline computed in ``results/table*.csv``, by
+    ``table<N>/<row>/<column>`` (the paper's numbers and the differences left out)."""
+    cells: dict[str, float] = {}
+    for path in sorted(results.glob("table*.csv")):
+        try:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError) as e:
+            raise BenchError(f"cannot read {path}: {e}; rebuild it with `snakemake --cores 2 "
+                             f"{path.relative_to(results.parent)}`") from e
+        for row in rows:
+            label = row.get("row") or ""
+            for column, text in row.items():
+                if column in NOT_CELLS or column is None or column.endswith(NOT_CELL_SUFFIXES) \
+                        or text in (None, ""):
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    continue  # a word, not a number (e.g. "–" for a cell the paper lacks)
+                key, n = f"{path.stem}/{label}/{column}", 2
+                while key in cells:  # a row label used twice: keep both, in file order
+                    key, n = f"{path.stem}/{label}#{n}/{column}", n + 1
+                cells[key] = value
+    return cells
+
+
+def compare_cells(old: dict[str, float], new: dict[str, float]) -> list[tuple[str, object, object]]:
+    """(cell, old, new) of each cell that differs, appeared (old None) or went (new None)."""
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)]
+
+
+def read_cells(path: Path) -> dict[str, float]:
+    """The ``cells`` of an earlier ``--json`` file."""
+    try:
+        cells = json.loads(path.read_text()).get("cells")
+    except (OSError, ValueError, AttributeError) as e:
+        raise BenchError(f"cannot read the cells of {path}: {e}; give a file written by "
+                         "`bench/bench_demo.py --json`") from e
+    if not isinstance(cells, dict) or not cells:
+        raise BenchError(f"{path} has no table cells; give a file written by "
+                         "`bench/bench_demo.py --json` for a finished demo")
+    return cells
+
+
+def format_comparison(path: Path, old: dict, new: dict, changed: list) -> str:
+    lines = ["", f"table cells against {path}: {len(new)} here, {len(old)} there, "
+             f"{len(changed)} differ"]
+    for key, was, now in changed:
+        lines.append(f"  {key}: {'(none)' if was is None else was} -> "
+                     f"{'(none)' if now is None else now}")
+    return "\n".join(lines)
+
+
 def _mss(seconds: float) -> str:
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
@@ -199,6 +270,7 @@ def report(run: Run, workdir: Path, cores: int) -> dict:
         "unfinished": run.unfinished, "complete": run.complete, "job_s": job_s,
         "efficiency": job_s / (run.wall_s * cores) if run.wall_s else None,
         "rules": rule_rows(run.jobs), "phases": phase_rows(workdir, run.jobs),
+        "cells": table_cells(workdir / "results"),
     }
 
 
@@ -355,6 +427,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "runs (repeatable): give the run's own values")
     parser.add_argument("--targets", nargs="+", default=[], metavar="TARGET",
                         help="also price these targets: the job time of the jobs each needs")
+    parser.add_argument("--compare", type=Path, metavar="FILE",
+                        help="compare the table cells with an earlier --json file (exit status "
+                        "1 when any differs)")
     parser.add_argument("--reference", action="store_true",
                         help="time the reference step now (--run: always, before and after)")
     args = parser.parse_args(argv)
@@ -367,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     reference = []
     try:
+        old_cells = read_cells(args.compare) if args.compare else None  # before a long run
         if args.run:
             reference.append(reference_step_ms())
             workdir, measured = run_demo(args.cores, args.target, args.config_arg)
@@ -394,12 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     if measured is not None:
         rep.update(run_dir=str(workdir), measured_wall_s=measured)
         print(f"\nrun folder: {workdir} (Snakemake took {_mss(measured)})")
+    changed = None
+    if old_cells is not None:
+        changed = compare_cells(old_cells, rep["cells"])
+        rep["compared"] = {"file": str(args.compare), "differ": len(changed)}
+        print(format_comparison(args.compare, old_cells, rep["cells"], changed))
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2) + "\n")
     if error:
         print(f"bench_demo: error: {error}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    return 1 if changed else 0
 
 
 if __name__ == "__main__":

@@ -246,3 +246,63 @@ rule all:
 
 def test_output_lines_split_as_snakemake_prints_them():
     assert bench_demo.split_outputs("a/b.pt, c d/e,f.json") == ["a/b.pt", "c d/e,f.json"]
+
+
+TABLE7 = """\
+table,dataset,teacher,row,method,transform,note,teacher_top1,teacher_top1_paper,r20,r20_std,r20_n,r20_paper,r20_diff,r20_runs
+7,cifar100,resnet56,Baseline,baseline,none,,63.6,71.21,31.0,,1,67.96,-36.96,results/x
+7,cifar100,resnet56,KD,kd,none,a note,63.6,71.21,42.4,1.5,3,68.88,-26.48,results/y
+7,cifar100,resnet56,KD,kd,none,,63.6,71.21,–,,1,,,results/z
+"""
+
+
+def test_table_cells_are_the_pipelines_numbers_and_compare_names_each_change(
+        run_dir, tmp_path, capsys):
+    _write(run_dir / "results" / "table7.csv", TABLE7)
+    out = tmp_path / "bench.json"
+    assert bench_demo.main([str(run_dir), "--json", str(out)]) == 0
+    cells = json.loads(out.read_text())["cells"]
+    # ours, std, seed count and the teacher's score; never the paper's numbers or differences;
+    # a repeated row label keeps both rows; a word ("–") is not a cell
+    assert cells == {
+        "table7/Baseline/teacher_top1": 63.6, "table7/Baseline/r20": 31.0,
+        "table7/Baseline/r20_n": 1.0,
+        "table7/KD/teacher_top1": 63.6, "table7/KD/r20": 42.4, "table7/KD/r20_std": 1.5,
+        "table7/KD/r20_n": 3.0, "table7/KD#2/teacher_top1": 63.6, "table7/KD#2/r20_n": 1.0}
+    capsys.readouterr()
+
+    assert bench_demo.main([str(run_dir), "--compare", str(out)]) == 0  # the same run
+    assert "9 here, 9 there, 0 differ" in capsys.readouterr().out
+
+    old = {**cells, "table7/KD/r20": 40.0, "table8/Baseline/r18": 78.0}
+    del old["table7/Baseline/r20_n"]
+    (tmp_path / "old.json").write_text(json.dumps({"cells": old}))
+    assert bench_demo.main([str(run_dir), "--compare", str(tmp_path / "old.json"),
+                            "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "9 here, 9 there, 3 differ" in text
+    assert "  table7/Baseline/r20_n: (none) -> 1.0" in text
+    assert "  table7/KD/r20: 40.0 -> 42.4" in text
+    assert "  table8/Baseline/r18: 78.0 -> (none)" in text
+    assert json.loads(out.read_text())["compared"]["differ"] == 3
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"cells": {}}', '["a list"]'])
+def test_a_compare_file_without_cells_is_one_line_and_status_2(run_dir, tmp_path, capsys,
+                                                              content):
+    path = tmp_path / "old.json"
+    if content is not None:
+        path.write_text(content)
+    assert bench_demo.main([str(run_dir), "--compare", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "--json" in lines[0]
+
+
+def test_the_recorded_demo_cells_cover_every_table():
+    recorded = json.loads((Path(bench_demo.REPO) / "bench" / "demo_cells.json").read_text())
+    cells = bench_demo.read_cells(Path(bench_demo.REPO) / "bench" / "demo_cells.json")
+    assert recorded["commit"] and recorded["measured"]
+    assert {key.split("/")[0] for key in cells} == {f"table{n}" for n in range(1, 12)}
+    assert not any(key.endswith(bench_demo.NOT_CELL_SUFFIXES) for key in cells)
