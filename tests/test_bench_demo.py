@@ -300,9 +300,14 @@ def test_a_compare_file_without_cells_is_one_line_and_status_2(run_dir, tmp_path
     assert len(lines) == 1 and str(path) in lines[0] and "--json" in lines[0]
 
 
-def test_the_recorded_demo_cells_cover_every_table():
-    recorded = json.loads((Path(bench_demo.REPO) / "bench" / "demo_cells.json").read_text())
-    cells = bench_demo.read_cells(Path(bench_demo.REPO) / "bench" / "demo_cells.json")
+@pytest.mark.parametrize("name, seeds", [("demo_cells.json", 1), ("demo_cells_seeds.json", 3)])
+def test_the_recorded_demo_cells_cover_every_table(name, seeds):
+    path = Path(bench_demo.REPO) / "bench" / name
+    recorded = json.loads(path.read_text())
+    cells = bench_demo.read_cells(path)
     assert recorded["commit"] and recorded["measured"]
     assert {key.split("/")[0] for key in cells} == {f"table{n}" for n in range(1, 12)}
     assert not any(key.endswith(bench_demo.NOT_CELL_SUFFIXES) for key in cells)
+    # every computed cell of Table 7 (both students) is over this many seeds
+    counts = {v for k, v in cells.items() if k.startswith("table7/") and k.endswith("_n")}
+    assert counts == {seeds}
