@@ -3,6 +3,7 @@ benchmark scripts loaded as modules."""
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +20,14 @@ def load_bench(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def as_at_a_terminal() -> None:
+    """``preexec_fn`` for a process a test stops with Ctrl-C: SIGINT with its default action, as
+    under an interactive shell, whatever the test runner inherited. A runner started in the
+    background without job control (``cmd &`` in a script, nohup) ignores SIGINT, an ignored
+    signal stays ignored across exec, and Snakemake and kcd.launch then rightly leave it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -347,7 +347,9 @@ def _workdir(folder: Path, cfg: dict) -> Path:
 
 def _start_snakemake(cluster: Cluster, workdir: Path, *args: str) -> subprocess.Popen:
     """Snakemake in the background in its own session (so its process group is the one a
-    terminal's Ctrl-C would reach), its output in workdir/snakemake.out."""
+    terminal's Ctrl-C would reach, with SIGINT's default action as there), its output in
+    workdir/snakemake.out."""
+    from tests.conftest import as_at_a_terminal
     from tests.test_workflow import SNAKEMAKE
 
     env = {**cluster.env}
@@ -355,7 +357,7 @@ def _start_snakemake(cluster: Cluster, workdir: Path, *args: str) -> subprocess.
     with open(workdir / "snakemake.out", "w") as out:
         return subprocess.Popen([*SNAKEMAKE, "-d", str(workdir), "--cores", "2", *args],
                                 cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=as_at_a_terminal)
 
 
 def _wait_snakemake(proc: subprocess.Popen, workdir: Path, timeout: float) -> tuple[int, str]:

@@ -202,6 +202,7 @@ def test_stopping_snakemake_stops_its_warm_jobs_and_worker(tmp_path, how):
     runs, leaves no process of the run (launchers, forks, worker), no socket, no final.pt."""
     import yaml
 
+    from tests.conftest import as_at_a_terminal
     from tests.test_workflow import SNAKEMAKE, _config
 
     cfg = _config()
@@ -216,7 +217,8 @@ def test_stopping_snakemake_stops_its_warm_jobs_and_worker(tmp_path, how):
     with open(tmp_path / "snakemake.out", "w") as out:
         proc = subprocess.Popen([*SNAKEMAKE, "-d", str(tmp_path), "--cores", "1", target],
                                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its group is what Ctrl-C reaches
+                                start_new_session=True,  # its group is what Ctrl-C reaches
+                                preexec_fn=as_at_a_terminal)
     try:
         deadline = time.monotonic() + 180
         log = tmp_path / "results/logs/cifar100/pretrain/resnet20-s0.log"
