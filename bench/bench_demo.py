@@ -67,6 +67,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from kcd.tables import BESIDE_OURS, LABEL_COLUMNS  # the CSV's grammar (no torch, no pandas)
+
 REPO = Path(__file__).resolve().parents[1]
 
 TIMESTAMP = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
@@ -198,11 +200,6 @@ def phase_rows(workdir: Path, jobs: list[Job]) -> list[dict]:
     return sorted(rows, key=lambda r: (-r["total_s"], r["rule"], r["phase"]))
 
 
-# columns of a table CSV that are not the run's own numbers (or not numbers)
-NOT_CELLS = ("table", "dataset", "teacher", "row", "method", "transform", "note")
-NOT_CELL_SUFFIXES = ("_paper", "_diff", "_runs")
-
-
 def table_cells(results: Path) -> dict[str, float]:
     """Every number the pipeline computed in ``results/table*.csv``, by
     ``table<N>/<row>/<column>`` (the paper's numbers and the differences left out)."""
@@ -217,7 +214,7 @@ def table_cells(results: Path) -> dict[str, float]:
         for row in rows:
             label = row.get("row") or ""
             for column, text in row.items():
-                if column in NOT_CELLS or column is None or column.endswith(NOT_CELL_SUFFIXES) \
+                if column in LABEL_COLUMNS or column is None or column.endswith(BESIDE_OURS) \
                         or text in (None, ""):
                     continue
                 try:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kcd.naming import parse_transform_name, source_pair
+from kcd.naming import THETA0_TAG_SUFFIX, parse_transform_name, source_pair
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,11 @@ class Layout:
     @staticmethod
     def is_theta0(tag: str) -> bool:
         """Whether a weight tag names initial weights (``s<seed>-init``), not a trained model."""
-        return tag.endswith("-init")
+        return tag.endswith(THETA0_TAG_SUFFIX)
 
     def weights(self, ds: str, arch: str, tag: str) -> str:
         """The weights a tag names: the trained model, or theta0 for ``s<seed>-init``."""
-        seed = tag[1:].removesuffix("-init")
+        seed = tag[1:].removesuffix(THETA0_TAG_SUFFIX)
         return self.theta0(ds, arch, seed) if self.is_theta0(tag) else self.final(ds, arch, seed)
 
     def decoded(self, ds: str) -> str:

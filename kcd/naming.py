@@ -129,6 +129,10 @@ def parse_transform_name(name: str) -> TransformName | None:
     return TransformName(m["strategy"], m["metric"], groups, m["source"], bool(m["dynamic"]))
 
 
+# a weight tag names a trained model (s<seed>) or, with this suffix, theta0 (s<seed>-init)
+THETA0_TAG_SUFFIX = "-init"
+
+
 def source_pair(name: TransformName, teacher_seed: int, seed: int) -> tuple[str, str]:
     """The (teacher, student) weight tags whose statistics make the transform of a run with
     seeds (teacher_seed, seed): ``s<N>`` for trained weights, ``s<N>-init`` for theta0."""
@@ -140,5 +144,5 @@ def source_pair(name: TransformName, teacher_seed: int, seed: int) -> tuple[str,
         return f"s{src[1:]}", s
     if src.startswith("s") and src[1:].isdigit():
         return t, f"s{src[1:]}"
-    return (t + "-init" if src in ("init-t", "init-st") else t,
-            s + "-init" if src in ("init-s", "init-st") else s)
+    return (t + THETA0_TAG_SUFFIX if src in ("init-t", "init-st") else t,
+            s + THETA0_TAG_SUFFIX if src in ("init-s", "init-st") else s)

@@ -34,6 +34,12 @@ if TYPE_CHECKING:  # pandas is imported where tables are built, not when plans a
 
 KCD = "<kcd>"  # placeholder for the configured KCD transform in row definitions
 
+# A table CSV line: these labels; then the teacher's score and, per column, ours with its
+# "_std" and "_n" (computed by the pipeline), and beside them these (the paper's number, the
+# difference to it, the runs the cell came from). bench/bench_demo.py reads them this way.
+LABEL_COLUMNS = ("table", "dataset", "teacher", "row", "method", "transform", "note")
+BESIDE_OURS = ("_paper", "_diff", "_runs")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -355,14 +361,10 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
                          if "teacher_top1" in paper and len(paper) else None)
     lines = []
     for row in plan["rows"]:
-        line: dict[str, Any] = {
-            "table": number,
-            "dataset": plan["dataset"],
-            "teacher": plan.get("teacher"),
-            "row": row["label"],
-            "method": row.get("method"),
-            "transform": row.get("transform"),
-            "note": row.get("note"),
+        line: dict[str, Any] = dict(zip(LABEL_COLUMNS, (
+            number, plan["dataset"], plan.get("teacher"), row["label"], row.get("method"),
+            row.get("transform"), row.get("note"))))
+        line |= {
             f"teacher_{metric}": teacher_mean,
             f"teacher_{metric}_paper": teacher_paper,
         }
@@ -372,9 +374,10 @@ def build_table(plan: dict[str, Any]) -> pd.DataFrame:
             line[column] = m
             line[f"{column}_std"] = sd
             line[f"{column}_n"] = n
-            line[f"{column}_paper"] = p
-            line[f"{column}_diff"] = (m - p) if (p is not None and not math.isnan(m)) else None
-            line[f"{column}_runs"] = " ".join(_source_of(c) for c in row["cells"].get(column, []))
+            paper_col, diff_col, runs_col = (column + suffix for suffix in BESIDE_OURS)
+            line[paper_col] = p
+            line[diff_col] = (m - p) if (p is not None and not math.isnan(m)) else None
+            line[runs_col] = " ".join(_source_of(c) for c in row["cells"].get(column, []))
         lines.append(line)
     return pd.DataFrame(lines)
 
