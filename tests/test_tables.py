@@ -228,6 +228,11 @@ def test_csv_is_rounded_and_names_the_runs_of_each_cell(tmp_path):
     assert "0000000" not in text                                  # no float noise
     assert df["resnet18_runs"][0].split() == [str(tmp_path / "runs" / "s0"),
                                               str(tmp_path / "runs" / "s1")]
+    # the CSV's columns, in order (bench/bench_demo.py reads its cells by this grammar)
+    assert list(df.columns) == [
+        "table", "dataset", "teacher", "row", "method", "transform", "note", "teacher_top1",
+        "teacher_top1_paper", "resnet18", "resnet18_std", "resnet18_n", "resnet18_paper",
+        "resnet18_diff", "resnet18_runs"]
 
 
 def test_latex_is_a_captioned_labelled_float_with_its_legend(tmp_path):
