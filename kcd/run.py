@@ -62,8 +62,11 @@ class NullTracker:
 TIMINGS = ("train_seconds", "phases")
 """Keys of a result that time the run: two runs computing the same thing differ only there."""
 
-RESULT_PARAMS = ("iterations", "seed", "train_seconds", "eval_images")
-"""Numbers of a result that describe the run rather than measure it: tracked as params."""
+RESULT_PARAMS = ("iterations", "seed", "train_seconds", "eval_images", "threads")
+"""Numbers of a result that describe the run rather than measure it: tracked as params.
+``threads`` is the CPU threads the run computed on (``torch.get_num_threads()``): a job's
+``resources.cpus``, or every core for ``kcd`` run by hand. At the demo's short budgets another
+thread count rounds differently and can move a result by several points."""
 
 
 class Phases:
@@ -273,6 +276,7 @@ def run(spec: Any, task: RunTask, tracker: Tracker | None = None, progress: bool
     result = task.finish(train_seconds)
     if result is None:
         return {}
+    result["threads"] = torch.get_num_threads()
     result["phases"] = phases.as_dict()
     tracker.log_metrics(task.eval_metrics(result), task.iterations)
     if hasattr(tracker, "log_params"):  # trackers written before log_params existed

@@ -89,7 +89,9 @@ def test_a_run_logs_checkpoints_and_writes_its_result_last(tmp_path):
     step2 = tracker.calls[0][1]
     assert set(step2) == {"train/mse", "train/half", "train/lr"} and step2["train/half"] == 0.5
     assert tracker.calls[-1][1] == {}  # the toy result has no measurement, only ...
-    assert tracker.params == {"result.iterations": 7, "result.train_seconds": 0.0}  # params
+    assert tracker.params == {"result.iterations": 7, "result.train_seconds": 0.0,  # params
+                              "result.threads": torch.get_num_threads()}
+    assert result["threads"] == torch.get_num_threads()
     assert checkpoint_every(spec.recipe) == 3
     assert checkpoint_every(replace(spec.recipe, checkpoint_every=0, iterations=45)) == 4
 

@@ -76,6 +76,7 @@ def test_table7_rows_columns_and_provenance(built):
         assert line["resnet20_0.5x_paper"] == paper.loc[line["row"], "resnet20_0.5x"]
     teacher = json.loads((res / "models/resnet20-s0/result.json").read_text())
     assert df["teacher_top1"].iloc[0] == pytest.approx(teacher["top1"])
+    assert teacher["threads"] == _config()["resources"]["default"]["cpus"]  # the job's, not all
     md = (built / "results" / "tables.md").read_text()
     assert "Table 7" in md and "Ours + FitNets" in md
     assert (built / "results" / "table7.tex").read_text().count(r"\midrule") == 1
