@@ -109,13 +109,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from torchvision.datasets import ImageFolder
 
+from kcd.costs import THROUGHPUT_FORMAT
 from kcd.data.datasets import imagenet_transform
 from kcd.features import FeatureTap
 from kcd.losses import DistillBatch, build_loss
 from kcd.models import build_model, model_spec
 from kcd.transforms import ChannelTransform
 
-FORMAT = "kcd-throughput/1"
+FORMAT = THROUGHPUT_FORMAT  # what kcd.costs.read_throughput reads
 METHODS = ("fitnets", "ours", "kd")
 SECTIONS = ("cifar", "imagenet", "loader")
 

@@ -500,7 +500,8 @@ def _own_flags(rest: list[str]) -> tuple[list[str], dict[str, Any]]:
             own[word[2:].replace("-", "_")] = True
         elif word == "--throughput":
             if i + 1 >= len(rest):
-                raise KcdError("--throughput needs a file: the JSON of bench/bench_gpu.py --json")
+                raise KcdError("--throughput needs a file: the table bench/bench_gpu.py --throughput "
+                               "(or --json) wrote")
             own["throughput"], own["cost"] = rest[i + 1], True
             i += 1
         else:

@@ -51,22 +51,42 @@ class Cost:
     gpu_hours: float
 
 
+THROUGHPUT_FORMAT = "kcd-throughput/1"
+"""The ``format`` of the throughput table ``bench/bench_gpu.py`` writes (its docstring shows it)."""
+
+
 def read_throughput(path: str | Path | None) -> dict[str, float]:
-    """A throughput table written by ``bench/bench_gpu.py --json`` (its ``throughput``
-    entry, or the whole file when it is the table itself)."""
+    """The images/s per step of a throughput table: a file written by ``bench/bench_gpu.py
+    --throughput FILE`` (JSON, or YAML for .yaml/.yml) or ``--json FILE`` (the table is its
+    ``throughput`` entry), or a bare JSON mapping of step names to images/s."""
     if path is None:
         return {}
     p = Path(path)
+    write = "write it with `python bench/bench_gpu.py --throughput FILE` on a GPU machine"
     try:
-        data = json.loads(p.read_text())
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(str(e).replace("\n", " ")) from None
+        else:
+            data = json.loads(text)
     except (OSError, ValueError) as e:
-        raise KcdError(f"throughput table {p} is unreadable ({e}); write it with "
-                       "`python bench/bench_gpu.py --json FILE` on a GPU machine") from None
+        raise KcdError(f"throughput table {p} is unreadable ({e}); {write}") from None
+    if isinstance(data, dict) and isinstance(data.get("throughput"), dict) \
+            and "format" in data["throughput"]:
+        data = data["throughput"]  # bench_gpu.py --json: the table beside its rows
+    if isinstance(data, dict) and "format" in data and data["format"] != THROUGHPUT_FORMAT:
+        raise KcdError(f"throughput table {p} has format {data['format']!r}, not "
+                       f"{THROUGHPUT_FORMAT!r}; {write}")
     table = data.get("throughput", data) if isinstance(data, dict) else None
     if not isinstance(table, dict) or not all(
             isinstance(v, (int, float)) and v > 0 for v in table.values()):
         raise KcdError(f"throughput table {p} is not a mapping of step names to positive "
-                       "images/s; write it with `python bench/bench_gpu.py --json FILE`")
+                       f"images/s; {write}")
     return {str(k): float(v) for k, v in table.items()}
 
 

@@ -61,3 +61,8 @@ def test_tiny_cpu_run_has_every_row_and_the_throughput_keys(tmp_path):
     import yaml
 
     assert yaml.safe_load(throughput.read_text()) == tp
+
+    # what `kcd config show --cost --throughput FILE` reads: either file gives the same rates
+    from kcd.costs import read_throughput
+
+    assert read_throughput(out) == read_throughput(throughput) == tp["throughput"]

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from kcd.costs import (
     ASSUMED,
     FORWARD_SPEEDUP,
     SCALING_EFFICIENCY,
+    THROUGHPUT_FORMAT,
     cost_rows,
     job_cost,
     read_throughput,
@@ -61,6 +63,25 @@ def test_throughput_files_are_checked(tmp_path):
         read_throughput(bad)
     with pytest.raises(KcdError, match="is unreadable"):
         read_throughput(tmp_path / "missing.json")
+
+
+def test_throughput_tables_of_the_bench_and_its_json_are_read(tmp_path):
+    table = {"format": THROUGHPUT_FORMAT, "unit": "images/s per GPU",
+             "throughput": {"cifar100/resnet56": 9e3}, "batch": {"cifar100/resnet56": 128}}
+    plain, nested, as_yaml = (tmp_path / n for n in ("t.json", "bench.json", "t.yaml"))
+    plain.write_text(json.dumps(table))
+    nested.write_text(json.dumps({"meta": {}, "rows": [], "throughput": table}))
+    as_yaml.write_text(yaml.safe_dump(table))
+    for path in (plain, nested, as_yaml):
+        assert read_throughput(path) == {"cifar100/resnet56": 9000.0}, path
+    other = tmp_path / "v9.json"
+    other.write_text(json.dumps({**table, "format": "kcd-throughput/9"}))
+    with pytest.raises(KcdError, match="has format 'kcd-throughput/9', not 'kcd-throughput/1'"):
+        read_throughput(other)
+    broken = tmp_path / "b.yaml"
+    broken.write_text("throughput: {a: [1\n")
+    with pytest.raises(KcdError, match=r"b\.yaml is unreadable"):
+        read_throughput(broken)
 
 
 def test_a_table_needs_the_jobs_that_make_its_inputs():
