@@ -95,6 +95,12 @@ def _key_parts(key: str) -> list[str]:
     return parts
 
 
+RESOURCE_RULES = ("init", "pretrain", "teacher_outputs", "anchor_outputs", "statistics",
+                  "learned_transform", "distill", "analysis")
+"""The heavy rules, whose jobs :meth:`kcd.plans.Plans.launch_args` starts through
+``kcd.launch``: the names a ``resources`` entry may have besides ``default`` and the datasets
+(``analysis``: the overlap, feature-consistency and Figure 1 jobs)."""
+
 SCALES = ("demo", "paper")
 """The scales, each complete in its own file ``config/<scale>.yaml``: ``demo`` (the default,
 generated data, CPU minutes) and ``paper`` (Section 4.1 as written)."""
@@ -234,6 +240,11 @@ def validate_config(cfg: dict) -> dict:
         if name not in DATASETS:
             raise KcdError(f"config key datasets.{name}: unknown dataset; known: "
                            f"{', '.join(DATASETS.names())}")
+    for name in cfg.get("resources", {}):
+        if name != "default" and name not in DATASETS and name not in RESOURCE_RULES:
+            raise KcdError(f"config key resources.{name}: not an entry; known: default, a "
+                           f"dataset ({', '.join(DATASETS.names())}) or a heavy rule "
+                           f"({', '.join(RESOURCE_RULES)})")
     for section in ("methods",):
         for name in cfg.get(section, {}):
             if name not in LOSSES:

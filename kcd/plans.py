@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Any, Callable
 
 from kcd.config import (
+    RESOURCE_RULES,
     anchor_iterations,
     data_spec,
     detection_init_args,
@@ -608,6 +609,9 @@ class Plans:
 
     def resources(self, rule: str, ds: str | None = None) -> dict[str, Any]:
         """A job's resources: ``default``, then the dataset's entry, then the rule's."""
+        if rule not in RESOURCE_RULES:
+            raise KcdError(f"'{rule}' is not a heavy rule with resources; known: "
+                           f"{', '.join(RESOURCE_RULES)} (kcd.config.RESOURCE_RULES)")
         table = self.cfg.get("resources", {})
         res = dict(table.get("default", {}))
         res.update(table.get(ds, {}) if ds else {})

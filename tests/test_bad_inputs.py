@@ -261,6 +261,8 @@ CONFIG_CASES = [
          _config_with("ms.yaml", _set("recipes.cifar100.default.milestones", [20, 10]))),
     Case("config-unknown-model", lambda ws: _init(ws, _cfg(ws, "model.yaml")), "resnet21",
          _config_with("model.yaml", _set("tables.table7.teacher", "resnet21"))),
+    Case("config-unknown-resources-entry", lambda ws: _init(ws, _cfg(ws, "res.yaml")),
+         "resources.pretrian", _config_with("res.yaml", _set("resources.pretrian", {"gpus": 1}))),
     Case("config-unknown-method", lambda ws: _init(ws, _cfg(ws, "method.yaml")), "dkd",
          _config_with("method.yaml", _set("methods.dkd", {"weight": 1}))),
     Case("config-unknown-method-option", lambda ws: _init(ws, _cfg(ws, "opt.yaml")),

@@ -131,6 +131,21 @@ def test_resources_merge_default_dataset_and_rule(paper):
     assert paper.resources("analysis", "imagenet")["gpus"] == 1
     args = paper.launch_args("distill", "x", "cifar100")
     assert args[args.index("--gpus") + 1] == "2" and args[args.index("--launcher") + 1] == "local"
+    with pytest.raises(KcdError, match="'anaylsis' is not a heavy rule with resources"):
+        paper.resources("anaylsis", "imagenet")
+
+
+def test_the_heavy_rules_are_the_rules_the_workflow_launches():
+    """A ``resources`` entry is checked against RESOURCE_RULES: exactly the names the
+    workflow's rules pass to ``launch(...)``."""
+    import re
+
+    from kcd.config import RESOURCE_RULES
+
+    launched = {m for f in (REPO / "workflow").rglob("*.smk")
+                for m in re.findall(r'\blaunch\("(\w+)"', f.read_text())}
+    launched |= set(re.findall(r'\blaunch\("(\w+)"', (REPO / "workflow/Snakefile").read_text()))
+    assert launched == set(RESOURCE_RULES)
 
 
 def test_table9_rows_name_their_method_and_transform(demo):
