@@ -30,7 +30,9 @@ class KcdJob(Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         code = self.run(argv, threads)
         if code:
-            raise RuntimeError(f"kcd {argv[0] if argv else ''} exited with status {code}")
+            # the job fails with kcd's status, and kcd's one-line error stays the last line of
+            # its log: submitit would log a traceback after an exception (SystemExit passes by)
+            raise SystemExit(code)
         return code
 
     @staticmethod

@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[:split])
     kcd_argv = argv[split + 1:]
 
-    if args.launcher == "debug":
-        return KcdJob()(kcd_argv, args.cpus) or 0
+    if args.launcher == "debug":  # in this process: kcd's exit status, its error the last line
+        return KcdJob.run(kcd_argv, args.cpus)
     canceller = _Canceller()
     canceller.install()  # before sbatch: a signal during the submission cancels right after it
     if args.launcher == "local" and args.tasks * args.nodes == 1 and os.environ.get(warm.ENV):
@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except submitit.core.utils.UncompletedJobError as e:
         log = _job_log(job)
         print(log, flush=True)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # submitit's message: the job and its result file, what went wrong, then its output
+        reason = " ".join("\n".join(str(e).strip().splitlines()[:2]).split()) or type(e).__name__
         print(f"kcd.launch: job {job.job_id} ({args.name}) did not complete: {reason}\n"
               f"--- last lines of its log ---\n{_tail(log)}", file=sys.stderr, flush=True)
         return 1

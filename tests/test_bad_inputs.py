@@ -508,3 +508,56 @@ def test_a_bad_config_stops_snakemake_with_the_same_line(key, value, names, tmp_
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("kcd: error:") and names in last, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("required", [True, False], ids=["required", "not-required"])
+def test_an_unusable_tracking_store_at_the_start_is_one_line(required, tmp_path):
+    """The workflow prepares the MLflow store before its first job: a server that does not
+    answer stops it with one line when tracking is required, and is one warning otherwise
+    (the jobs run, untracked), never a traceback after minutes of MLflow's retries."""
+    import socket
+
+    with socket.socket() as s:  # a port with no server behind it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _tiny_config(tmp_path)
+    cfg["tracking"] = {"uri": f"http://127.0.0.1:{port}", "required": required}
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    target = f"{cfg['results']}/cifar100/init/resnet20_0.5x-s0.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s",
+                          str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path),
+                          "--cores", "1", target], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    problem = f"MLflow store http://127.0.0.1:{port} cannot be used (no answer from the server"
+    if required:
+        assert run.returncode == 1 and not (tmp_path / target).exists()
+        last = run.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"kcd: error: {problem}") and "tracking.required" in last
+    else:
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert (tmp_path / target).exists()
+        assert f"kcd: warning: {problem}" in run.stderr
+
+
+@pytest.mark.parametrize("launcher", ["debug", "local"])
+def test_a_launched_jobs_bad_input_ends_with_kcds_line(launcher, tmp_path):
+    """Through kcd.launch in its own process (debug) or in a submitit job (local without the
+    warm worker; SLURM takes the same path): kcd's one-line error is the last line, with no
+    traceback after it, and the launcher fails."""
+    from kcd.warm import ENV
+
+    env = {k: v for k, v in os.environ.items() if k != ENV}
+    run = subprocess.run([sys.executable, "-m", "kcd.launch", "--launcher", launcher,
+                          "--log-dir", str(tmp_path / "jobs"), "--", "init", "--arch",
+                          "resnet21", "--seed", "0", "--num-classes", "10", "--out",
+                          str(tmp_path / "x.pt")], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode != 0
+    out = run.stdout + run.stderr
+    assert "Traceback" not in out, out[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("kcd: error: unknown model 'resnet21'"), out[-3000:]
+    assert not (tmp_path / "x.pt").exists()
