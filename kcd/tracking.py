@@ -131,6 +131,45 @@ def ensure_store(uri: str) -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
 
+def check_reachable(uri: str) -> None:
+    """An http(s) tracking server must answer at once (MLflow's own retries take minutes);
+    ``ConnectionError`` if it does not. Other stores are not checked here."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]  # /health needs no credentials
+    health = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health",
+                                      "", ""))
+    try:
+        with urllib.request.urlopen(health, timeout=HEALTH_SECONDS):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered (a proxy may not route /health)
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"no answer from the server: {reason}") from None
+
+
+def prepare_store(uri: str, required: bool) -> None:
+    """The workflow's start: :func:`ensure_store`, after :func:`check_reachable`. A store that
+    cannot be prepared stops the workflow with one line when tracking is ``required``;
+    otherwise it is one warning, and each job then runs without tracking and says so."""
+    try:
+        check_reachable(uri)
+        ensure_store(uri)
+    except Exception as e:  # MLflow and its drivers raise many kinds
+        problem = f"MLflow store {_shown_uri(uri)} cannot be used ({_one_line(e)})"
+        if required:
+            raise KcdError(f"{problem}; start or fix it (tracking.uri or MLFLOW_TRACKING_URI), "
+                           "or set tracking.required: false to run without it") from None
+        print(f"kcd: warning: {problem}; the jobs run without MLflow tracking "
+              "(tracking.required: false)", file=sys.stderr, flush=True)
+
+
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True,
@@ -288,7 +327,7 @@ class MlflowTracker:
         _import_store(self.uri)
         from mlflow.tracking import MlflowClient
 
-        self._check_reachable()
+        check_reachable(self.uri)
         with store_lock(self.uri):  # the first job on a fresh store creates its schema
             self._client = MlflowClient(tracking_uri=self.uri)
             exp_id = self._experiment_id()
@@ -298,27 +337,6 @@ class MlflowTracker:
         else:
             self._create(exp_id)
         self._last_flush = _clock()
-
-    def _check_reachable(self) -> None:
-        """An http(s) server must answer at once: MLflow's own retries take minutes."""
-        if not self.uri.startswith(("http://", "https://")):
-            return
-        import urllib.error
-        import urllib.parse
-        import urllib.request
-
-        parts = urllib.parse.urlsplit(self.uri)
-        host = parts.netloc.rpartition("@")[2]  # /health needs no credentials
-        health = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health",
-                                          "", ""))
-        try:
-            with urllib.request.urlopen(health, timeout=HEALTH_SECONDS):
-                pass
-        except urllib.error.HTTPError:
-            pass  # it answered (a proxy may not route /health)
-        except (OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise ConnectionError(f"no answer from the server: {reason}") from None
 
     def _experiment_id(self) -> str:
         """The experiment's id, created if absent (under the store's lock for sqlite; for a

@@ -349,6 +349,8 @@ def test_a_server_is_checked_at_its_health_address(tmp_path):
     import http.server
     import threading
 
+    from kcd.tracking import check_reachable
+
     seen = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -364,8 +366,8 @@ def test_a_server_is_checked_at_its_health_address(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         port = server.server_address[1]
-        _tracker(f"http://user:secret@127.0.0.1:{port}/mlflow/", None)._check_reachable()
-        _tracker(f"http://127.0.0.1:{port}", None)._check_reachable()  # 404: it answered
+        check_reachable(f"http://user:secret@127.0.0.1:{port}/mlflow/")
+        check_reachable(f"http://127.0.0.1:{port}")  # 404: it answered
     finally:
         server.shutdown()
         server.server_close()
