@@ -665,6 +665,8 @@ def _tracked(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kcd.data import demo as demo_kinds  # numpy and Pillow, no torch
+
     parser = argparse.ArgumentParser(
         prog="kcd", description="Knowledge Consistent Distillation: one subcommand per step "
                                 "of Algorithm 1.")
@@ -680,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
             config=False)
     p.add_argument("--root", default="resources/demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", nargs="+", default=["cifar100", "imagenet", "coco"],
-                   choices=["cifar100", "imagenet", "coco", "cifar10"])
+    p.add_argument("--kinds", nargs="+", default=list(demo_kinds.KINDS),
+                   choices=demo_kinds.ALL_KINDS)
     p.add_argument("--tiny", action="store_true", help="tiny sizes (for tests)")
 
     p = add("init", cmd_init, "write theta0, the initial weights of (architecture, seed) of a "

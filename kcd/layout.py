@@ -66,9 +66,14 @@ class Layout:
         """Whether a weight tag names initial weights (``s<seed>-init``), not a trained model."""
         return tag.endswith(THETA0_TAG_SUFFIX)
 
+    @staticmethod
+    def tag_seed(tag: str) -> str:
+        """The seed of a weight tag (``s<seed>`` or ``s<seed>-init``)."""
+        return tag[1:].removesuffix(THETA0_TAG_SUFFIX)
+
     def weights(self, ds: str, arch: str, tag: str) -> str:
         """The weights a tag names: the trained model, or theta0 for ``s<seed>-init``."""
-        seed = tag[1:].removesuffix(THETA0_TAG_SUFFIX)
+        seed = self.tag_seed(tag)
         return self.theta0(ds, arch, seed) if self.is_theta0(tag) else self.final(ds, arch, seed)
 
     def decoded(self, ds: str) -> str:

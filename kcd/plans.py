@@ -26,6 +26,7 @@ from kcd.config import (
     train_spec,
 )
 from kcd.data import DATASETS, EVAL_SPLIT, TRAIN_SPLIT
+from kcd.data.demo import FOLDERS as DEMO_FOLDERS
 from kcd.errors import KcdError
 from kcd.layout import Layout
 from kcd.losses import BASELINE, LOSSES
@@ -90,12 +91,18 @@ class Plans:
         return to_dict(DecodeSpec(data=data, split=split,
                                   out=f"{self.layout.decoded(ds)}/{split}.pt"))
 
-    DEMO_FOLDERS = {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py",
-                    "imagenet": "imagenet", "coco": "coco"}  # kcd.data.demo's folders
+    DEMO_FOLDERS = DEMO_FOLDERS  # each demo dataset's folder under the demo root
 
     @property
     def demo_root(self) -> str:
         return self.cfg.get("demo_data", {}).get("root", "resources/demo")
+
+    def demo_args(self, folder: str) -> list[str]:
+        """``kcd demo-data``'s arguments for the demo dataset in ``folder`` (demo_data.*)."""
+        kind = next(k for k, f in DEMO_FOLDERS.items() if f == folder)
+        demo = self.cfg.get("demo_data", {})
+        return (["--root", self.demo_root, "--seed", str(demo.get("seed", 0)), "--kinds", kind]
+                + (["--tiny"] if demo.get("size") == "tiny" else []))
 
     def data_input(self, ds: str, decoded: bool = True) -> list[str]:
         """What a job reading ``ds`` needs: the demo data's manifest (which makes the rule
@@ -112,7 +119,11 @@ class Plans:
                    if decoded and self.decodes(ds) else [])
         root, demo = Path(entry["root"]).resolve(), Path(self.demo_root).resolve()
         if root == demo or demo in root.parents:
-            return [f"{self.demo_root}/{self.DEMO_FOLDERS[ds]}/.kcd-demo.json", *decoded]
+            if ds not in DEMO_FOLDERS:
+                raise KcdError(f"config key datasets.{ds}.root: {entry['root']} lies in the demo "
+                               f"folder (demo_data.root), but the demo has no {ds} data; point "
+                               f"it at your {ds} copy")
+            return [f"{self.demo_root}/{DEMO_FOLDERS[ds]}/.kcd-demo.json", *decoded]
         if not root.is_dir():
             raise KcdError(f"dataset root {entry['root']} (config key datasets.{ds}.root) "
                            f"does not exist; point it at your {ds} copy")

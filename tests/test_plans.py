@@ -186,3 +186,23 @@ def test_data_inputs_are_the_demo_manifest_or_a_checked_root(tmp_path):
         plans.data_input("imagenet")
     with pytest.raises(KcdError, match="add datasets.svhn.root"):
         plans.data_input("svhn")
+
+
+def test_the_demo_data_rule_and_inputs_take_the_demo_modules_folders(monkeypatch):
+    import kcd.plans
+    from kcd.data.demo import FOLDERS
+
+    cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    cfg["results"] = R
+    cfg["demo_data"].update(seed=3, size="tiny")
+    cfg["datasets"]["cifar10"] = {"root": "resources/demo/c10", "num_classes": 10}
+    plans = Plans(cfg)
+    assert plans.data_input("cifar10") == [f"resources/demo/{FOLDERS['cifar10']}/.kcd-demo.json"]
+    assert plans.demo_args(FOLDERS["imagenet"]) == [
+        "--root", "resources/demo", "--seed", "3", "--kinds", "imagenet", "--tiny"]
+    # a registered dataset the demo does not write, configured inside the demo folder
+    monkeypatch.setattr(kcd.plans, "DEMO_FOLDERS",
+                        {k: v for k, v in FOLDERS.items() if k != "cifar10"})
+    with pytest.raises(KcdError, match="datasets.cifar10.root: .* the demo has no cifar10 data"):
+        plans.data_input("cifar10")
+    assert Layout.tag_seed("s12") == Layout.tag_seed("s12-init") == "12"

@@ -62,6 +62,8 @@ FORMAT_VERSION = 2  # 2: easier classes, per format (CIFAR_IMAGES, IMAGENET_IMAG
 
 CIFAR_DIR = "cifar-100-python"
 CIFAR10_DIR = "cifar-10-batches-py"
+FOLDERS = {"cifar100": CIFAR_DIR, "imagenet": "imagenet", "coco": "coco", "cifar10": CIFAR10_DIR}
+"""Each demo dataset's folder under the demo root (its manifest is ``<folder>/.kcd-demo.json``)."""
 CIFAR10_CLASSES = 10
 CIFAR10_TRAIN_BATCHES = 5
 CIFAR_FINE_CLASSES = 100
@@ -176,15 +178,15 @@ def write_demo_data(
     sizes.validate()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    writers: dict[str, tuple[str, Callable[[Path, int, DemoSizes, bool], None]]] = {
-        "cifar100": (CIFAR_DIR, _write_cifar100),
-        "imagenet": ("imagenet", _write_imagenet),
-        "coco": ("coco", _write_coco),
-        "cifar10": (CIFAR10_DIR, _write_cifar10),
+    writers: dict[str, Callable[[Path, int, DemoSizes, bool], None]] = {
+        "cifar100": _write_cifar100,
+        "imagenet": _write_imagenet,
+        "coco": _write_coco,
+        "cifar10": _write_cifar10,
     }
     written: dict[str, Path] = {}
     for kind in kinds:
-        folder, writer = writers[kind]
+        folder, writer = FOLDERS[kind], writers[kind]
         manifest = {"kind": kind, "seed": seed, "sizes": sizes.for_kind(kind), "version": FORMAT_VERSION}
         _write_atomically(root / folder, manifest, lambda out: writer(out, seed, sizes, progress))
         written[kind] = root if kind in ("cifar100", "cifar10") else root / folder

@@ -10,13 +10,9 @@ rule demo_data:
     resources:
         kcd=KCD,
     params:
-        root=lambda w, output: output[0].rsplit("/", 2)[0],  # <root>/<folder>/.kcd-demo.json
-        kind=lambda w: {v: k for k, v in P.DEMO_FOLDERS.items()}[w.folder],
-        seed=config.get("demo_data", {}).get("seed", 0),
-        size="--tiny" if config.get("demo_data", {}).get("size") == "tiny" else "",
+        args=lambda w: shlex.join(P.demo_args(w.folder)),
     shell:
-        "{resources.kcd} demo-data --root {params.root:q} --seed {params.seed} --kinds {params.kind} {params.size} "
-        "-q > {log:q} 2>&1"
+        "{resources.kcd} demo-data {params.args} -q > {log:q} 2>&1"
 
 
 # An image-folder split decoded once (kcd/data/decoded.py): with the fast loader on and no

@@ -16,7 +16,7 @@ rule transform:
         kcd=KCD,
     params:
         args=lambda w: shlex.join(P.transform_args(w.name)),
-        seed=lambda w: w.sw[1:].removesuffix("-init"),
+        seed=lambda w: L.tag_seed(w.sw),
     shell:
         "{resources.kcd} transform --stats {input:q} {params.args} --seed {params.seed} --out {output:q} "
         "> {log:q} 2>&1"
@@ -41,7 +41,7 @@ rule learned_transform:
     params:
         spec=result_fields(lambda w: P.learn_spec(*pair_wildcards(w), w.name)),
         args=lambda w: shlex.join(P.transform_args(w.name) + P.learned_args()),
-        seed=lambda w: w.sw[1:].removesuffix("-init"),
+        seed=lambda w: L.tag_seed(w.sw),
     shell:
         "{resources.launch} transform --spec {params.spec:q} --runtime {resources.run_options:q} "
         "{params.args} --seed {params.seed} --out {output:q} > {log:q} 2>&1"
