@@ -25,8 +25,7 @@ from kcd.config import (
     statistics_spec,
     train_spec,
 )
-from kcd.data import DATASETS, EVAL_SPLIT, TRAIN_SPLIT
-from kcd.data.demo import FOLDERS as DEMO_FOLDERS
+from kcd.data import DATASETS, EVAL_SPLIT, TRAIN_SPLIT, demo_folders
 from kcd.errors import KcdError
 from kcd.layout import Layout
 from kcd.losses import BASELINE, LOSSES
@@ -91,7 +90,7 @@ class Plans:
         return to_dict(DecodeSpec(data=data, split=split,
                                   out=f"{self.layout.decoded(ds)}/{split}.pt"))
 
-    DEMO_FOLDERS = DEMO_FOLDERS  # each demo dataset's folder under the demo root
+    DEMO_FOLDERS = demo_folders()  # each demo dataset's folder under the demo root
 
     @property
     def demo_root(self) -> str:
@@ -99,7 +98,7 @@ class Plans:
 
     def demo_args(self, folder: str) -> list[str]:
         """``kcd demo-data``'s arguments for the demo dataset in ``folder`` (demo_data.*)."""
-        kind = next(k for k, f in DEMO_FOLDERS.items() if f == folder)
+        kind = next(k for k, f in self.DEMO_FOLDERS.items() if f == folder)
         demo = self.cfg.get("demo_data", {})
         return (["--root", self.demo_root, "--seed", str(demo.get("seed", 0)), "--kinds", kind]
                 + (["--tiny"] if demo.get("size") == "tiny" else []))
@@ -119,11 +118,12 @@ class Plans:
                    if decoded and self.decodes(ds) else [])
         root, demo = Path(entry["root"]).resolve(), Path(self.demo_root).resolve()
         if root == demo or demo in root.parents:
-            if ds not in DEMO_FOLDERS:
+            folder = DATASETS.get(ds).demo_folder
+            if folder is None:
                 raise KcdError(f"config key datasets.{ds}.root: {entry['root']} lies in the demo "
                                f"folder (demo_data.root), but the demo has no {ds} data; point "
                                f"it at your {ds} copy")
-            return [f"{self.demo_root}/{DEMO_FOLDERS[ds]}/.kcd-demo.json", *decoded]
+            return [f"{self.demo_root}/{folder}/.kcd-demo.json", *decoded]
         if not root.is_dir():
             raise KcdError(f"dataset root {entry['root']} (config key datasets.{ds}.root) "
                            f"does not exist; point it at your {ds} copy")

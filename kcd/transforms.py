@@ -36,12 +36,14 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from kcd import naming
 from kcd.checkpoint import atomic_save, load_format
 from kcd.consistency import ConsistencyStatistics, diagonal_consistency, gamma
 from kcd.errors import KcdError
@@ -50,11 +52,53 @@ from kcd.models.small_conv import use_small_conv_grads
 from kcd.registry import Registry
 
 _TRANSFORM_FORMAT = "kcd.transform"
-LEARNED_KINDS: tuple[str, ...] = ("subnet-fc", "subnet-res")
-"""Strategies that learn a sub-network instead of matching channels on ``M``."""
 
 Matcher = Callable[[Tensor, int | None], Tensor]
 STRATEGIES: Registry[Matcher] = Registry("matching strategy")
+
+
+@dataclass(frozen=True)
+class SubNet:
+    """A learned strategy's network: ``build(transform, c_t, c_s)`` adds its layers to the
+    :class:`LearnedTransform`, ``forward(transform, maps)`` takes b x c_T x h x w maps to
+    b x c_S x h x w."""
+
+    build: Callable[[nn.Module, int, int], None]
+    forward: Callable[[nn.Module, Tensor], Tensor]
+
+
+SUBNETS: Registry[SubNet] = Registry("learned transform")
+"""The learned strategies (Section 3.3's sub-nets), each trained on features instead of matching
+channels on ``M``; :data:`kcd.naming.LEARNED_STRATEGIES` names the same ones."""
+
+
+def _fc_layers(t: nn.Module, c_t: int, c_s: int) -> None:
+    t.fc = nn.Conv2d(c_t, c_s, kernel_size=1)
+
+
+def _residual_layers(t: nn.Module, c_t: int, c_s: int) -> None:
+    t.shortcut = nn.Conv2d(c_t, c_s, kernel_size=1, bias=False)
+    t.branch = nn.Sequential(
+        nn.Conv2d(c_t, c_s, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_s),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(c_s, c_s, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_s),
+    )
+
+
+def _fc_forward(t: nn.Module, maps: Tensor) -> Tensor:
+    return t.fc(maps)
+
+
+def _residual_forward(t: nn.Module, maps: Tensor) -> Tensor:
+    return t.shortcut(maps) + t.branch(maps)
+
+
+SUBNETS.register("subnet-fc", SubNet(_fc_layers, _fc_forward))
+SUBNETS.register("subnet-res", SubNet(_residual_layers, _residual_forward))
+LEARNED_KINDS: tuple[str, ...] = tuple(SUBNETS.names())
+"""Strategies that learn a sub-network instead of matching channels on ``M``."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,6 +156,11 @@ def _learned_strategy(kind: str) -> Matcher:
 
 for _kind in LEARNED_KINDS:
     STRATEGIES.register(_kind, _learned_strategy(_kind))
+
+naming.check_implemented("learned strategy", naming.LEARNED_STRATEGIES, LEARNED_KINDS,
+                         "kcd/transforms.py")
+naming.check_implemented("strategy", naming.STRATEGY_NAMES, STRATEGIES.names(),
+                         "kcd/transforms.py")
 
 
 def match(matrix: Tensor, strategy: str, seed: int | None = None) -> Tensor:
@@ -181,17 +230,8 @@ class LearnedTransform(_Transform):
             raise KcdError(f"unknown learned transform '{kind}'; known: {', '.join(LEARNED_KINDS)}")
         super().__init__(c_t, c_s, meta)
         self.kind = kind
-        if kind == "subnet-fc":
-            self.fc = nn.Conv2d(c_t, c_s, kernel_size=1)
-        else:
-            self.shortcut = nn.Conv2d(c_t, c_s, kernel_size=1, bias=False)
-            self.branch = nn.Sequential(
-                nn.Conv2d(c_t, c_s, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(c_s),
-                nn.ReLU(inplace=True),
-                nn.Conv2d(c_s, c_s, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(c_s),
-            )
+        self._net = SUBNETS.get(kind)
+        self._net.build(self, c_t, c_s)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         self._check_input(x)
@@ -200,7 +240,7 @@ class LearnedTransform(_Transform):
                 f"learned transform takes b x c or b x c x h x w, got shape {tuple(x.shape)}"
             )
         maps = x[:, :, None, None] if x.dim() == 2 else x
-        out = self.fc(maps) if self.kind == "subnet-fc" else self.shortcut(maps) + self.branch(maps)
+        out = self._net.forward(self, maps)
         return out[:, :, 0, 0] if x.dim() == 2 else out
 
 

@@ -188,8 +188,10 @@ def test_data_inputs_are_the_demo_manifest_or_a_checked_root(tmp_path):
         plans.data_input("svhn")
 
 
-def test_the_demo_data_rule_and_inputs_take_the_demo_modules_folders(monkeypatch):
-    import kcd.plans
+def test_the_demo_data_rule_and_inputs_take_the_registrys_demo_folders(monkeypatch):
+    from dataclasses import replace
+
+    from kcd.data import DATASETS
     from kcd.data.demo import FOLDERS
 
     cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
@@ -201,8 +203,8 @@ def test_the_demo_data_rule_and_inputs_take_the_demo_modules_folders(monkeypatch
     assert plans.demo_args(FOLDERS["imagenet"]) == [
         "--root", "resources/demo", "--seed", "3", "--kinds", "imagenet", "--tiny"]
     # a registered dataset the demo does not write, configured inside the demo folder
-    monkeypatch.setattr(kcd.plans, "DEMO_FOLDERS",
-                        {k: v for k, v in FOLDERS.items() if k != "cifar10"})
+    monkeypatch.setitem(DATASETS._items, "cifar10",
+                        replace(DATASETS.get("cifar10"), demo_folder=None))
     with pytest.raises(KcdError, match="datasets.cifar10.root: .* the demo has no cifar10 data"):
         plans.data_input("cifar10")
     assert Layout.tag_seed("s12") == Layout.tag_seed("s12-init") == "12"

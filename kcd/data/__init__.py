@@ -22,12 +22,15 @@ class DatasetSpec:
     """A registered dataset: its name, its task and its builder (``"module:function"``
     taking ``(root, split, train_transform, image_size, download)``). ``image_files``: its
     classification images are files decoded per read (an image folder), so the fast loader
-    decodes each split once (:mod:`kcd.data.decoded`)."""
+    decodes each split once (:mod:`kcd.data.decoded`). ``demo_folder``: the folder of its
+    generated demo data under ``demo_data.root`` (:mod:`kcd.data.demo` writes it); None: the
+    demo has none."""
 
     name: str
     builder: str
     task: Literal["classification", "detection"]
     image_files: bool = False
+    demo_folder: str | None = None
 
     def build(self, *args: Any) -> Any:
         module, function = self.builder.split(":")
@@ -35,10 +38,17 @@ class DatasetSpec:
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
-for _name, _task in (("cifar10", "classification"), ("cifar100", "classification"),
-                     ("imagenet", "classification"), ("coco", "detection")):
+for _name, _task, _folder in (("cifar10", "classification", "cifar-10-batches-py"),
+                              ("cifar100", "classification", "cifar-100-python"),
+                              ("imagenet", "classification", "imagenet"),
+                              ("coco", "detection", "coco")):
     DATASETS.register(_name, DatasetSpec(_name, f"kcd.data.datasets:{_name}_dataset", _task,
-                                         image_files=_name == "imagenet"))
+                                         image_files=_name == "imagenet", demo_folder=_folder))
+
+
+def demo_folders() -> dict[str, str]:
+    """Each dataset with demo data, and its folder under the demo root."""
+    return {name: spec.demo_folder for name, spec in DATASETS.items() if spec.demo_folder}
 
 
 def datasets_of_task(task: str) -> list[str]:
@@ -62,4 +72,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'kcd.data' has no attribute '{name}'")
 
 
-__all__ = ["DATASETS", "DatasetSpec", "TASKS", "datasets_of_task", *_EXPORTS]
+__all__ = ["DATASETS", "DatasetSpec", "TASKS", "datasets_of_task", "demo_folders", *_EXPORTS]

@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from kcd.data import demo_folders
 from kcd.errors import KcdError
 
 KINDS = ("cifar100", "imagenet", "coco")  # written by default
@@ -60,10 +61,14 @@ ALL_KINDS = (*KINDS, "cifar10")  # also written on request
 MANIFEST = ".kcd-demo.json"
 FORMAT_VERSION = 2  # 2: easier classes, per format (CIFAR_IMAGES, IMAGENET_IMAGES)
 
-CIFAR_DIR = "cifar-100-python"
-CIFAR10_DIR = "cifar-10-batches-py"
-FOLDERS = {"cifar100": CIFAR_DIR, "imagenet": "imagenet", "coco": "coco", "cifar10": CIFAR10_DIR}
-"""Each demo dataset's folder under the demo root (its manifest is ``<folder>/.kcd-demo.json``)."""
+FOLDERS = demo_folders()
+"""Each demo dataset's folder under the demo root (its manifest is ``<folder>/.kcd-demo.json``),
+from the dataset registry (``DatasetSpec.demo_folder``)."""
+if set(FOLDERS) != set(ALL_KINDS):
+    raise KcdError(f"kcd/data/demo.py writes {sorted(ALL_KINDS)} but the dataset registry gives "
+                   f"demo folders to {sorted(FOLDERS)}; keep the two the same")
+CIFAR_DIR = FOLDERS["cifar100"]
+CIFAR10_DIR = FOLDERS["cifar10"]
 CIFAR10_CLASSES = 10
 CIFAR10_TRAIN_BATCHES = 5
 CIFAR_FINE_CLASSES = 100
