@@ -40,6 +40,7 @@ SPLIT_IMAGES = {  # training / evaluation split sizes of the paper's datasets
     "cifar100": (50000, 10000), "cifar10": (50000, 10000),
     "imagenet": (1281167, 50000), "coco": (118287, 5000),
 }
+SAME_STEPS = {"cifar10": "cifar100"}  # a dataset whose steps cost another's (same image size)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def _train_rate(dataset: str, arch: str, measured: dict[str, float]) -> tuple[fl
     key = f"{dataset}/{arch}"
     if key in measured:
         return measured[key], "measured"
-    family = "cifar100" if dataset.startswith("cifar") else dataset
+    family = SAME_STEPS.get(dataset, dataset)
     fallback = f"{family}/{arch}"
     if fallback in ASSUMED:
         return ASSUMED[fallback], "assumed"
@@ -161,7 +162,10 @@ def job_cost(row: dict[str, Any], spec: dict | None, measured: dict[str, float],
         return None
     args = args or {}
     dataset, arch = row["dataset"], row["model"]
-    train_split, eval_split = SPLIT_IMAGES.get(dataset, (0, 0))
+    if dataset not in SPLIT_IMAGES:
+        raise KcdError(f"no split sizes for dataset {dataset}: add its training and evaluation "
+                       "image counts to kcd.costs.SPLIT_IMAGES")
+    train_split, eval_split = SPLIT_IMAGES[dataset]
     data = spec.get("data") or {}
     eval_images = min(eval_split, data.get("eval_limit") or eval_split)
     recipe = spec.get("recipe") or {}

@@ -51,6 +51,8 @@ def test_cpu_jobs_cost_nothing_and_rows_say_their_source():
 def test_a_step_without_a_rate_names_the_key_to_add():
     with pytest.raises(KcdError, match="'imagenet/vit' to the throughput table"):
         job_cost({**ROW, "model": "vit"}, SPEC, {})
+    with pytest.raises(KcdError, match=r"no split sizes for dataset svhn: add .* kcd\.costs\.SPLIT_IMAGES"):
+        job_cost({**ROW, "dataset": "svhn"}, SPEC, {})
 
 
 def test_throughput_files_are_checked(tmp_path):
