@@ -83,7 +83,10 @@ def _json_arg(value: str, flag: str) -> dict:
         if not path.is_file():
             raise KcdError(f"{flag} {value} is neither a JSON object nor an existing file; "
                            "pass the JSON text or the path of a file that holds it")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise KcdError(f"{flag} {value} is not a text file; pass a JSON file") from None
     try:
         data = json.loads(text)
     except ValueError as e:
@@ -128,10 +131,14 @@ def _run_params(spec) -> tuple[dict, dict]:
 def _spec(args: argparse.Namespace, cls, resolve: Callable[[], Any]):
     """The job's spec: ``--spec`` (JSON text or file, as the workflow passes it) or resolved
     from the config and the command's flags."""
-    from kcd.specs import from_dict
+    from kcd.config import check_recipe
+    from kcd.specs import from_dict, to_dict
 
     if args.spec:
-        return from_dict(cls, _spec_arg(args))
+        spec = from_dict(cls, _spec_arg(args))
+        if getattr(spec, "recipe", None) is not None:
+            check_recipe(to_dict(spec.recipe), "--spec key recipe")
+        return spec
     return resolve()
 
 
@@ -664,6 +671,18 @@ def _tracked(p: argparse.ArgumentParser) -> None:
                                   "a run fills)")
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` above 0 (argparse names the flag on error)."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not above 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" for a non-number
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kcd.data import demo as demo_kinds  # numpy and Pillow, no torch
 
@@ -763,14 +782,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--spec", help="learned strategies: the pair, its layers and data as "
                                           "a statistics spec (JSON), as the workflow passes it")
             _runtime_flag(p)
-            p.add_argument("--lr", type=float, default=1e-3, help="learned strategies: Adam lr")
-            p.add_argument("--batch-size", type=int, default=128,
+            p.add_argument("--lr", type=_positive(float), default=1e-3,
+                           help="learned strategies: Adam lr")
+            p.add_argument("--batch-size", type=_positive(int), default=128,
                            help="learned strategies: images per step")
             p.add_argument("--strategy", required=True)
             p.add_argument("--metric", default="correlation")
             p.add_argument("--groups", type=int, default=1)
             p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--steps", type=int, default=200, help="learned strategies: steps")
+            p.add_argument("--steps", type=_positive(int), default=200,
+                           help="learned strategies: steps")
 
     p = add("evaluate", cmd_evaluate, "evaluate a model (and its distance to a teacher)")
     p.add_argument("--dataset", required=True)

@@ -218,6 +218,17 @@ def load_config(paths: Iterable[str | Path] = (), overrides: Iterable[str] = ())
     return resolve_config(paths, over)
 
 
+def check_recipe(recipe: dict, where: str) -> None:
+    """Check a job's recipe (e.g. from a ``--spec``) against the config schema's ``recipe``,
+    the ranges a config's recipes are held to; the error names ``where``'s key."""
+    validator = jsonschema.Draft202012Validator(schema()["$defs"]["recipe"])
+    errors = sorted(validator.iter_errors(recipe), key=lambda e: str(e.path))
+    if errors:
+        e = errors[0]
+        key = ".".join([where, *(str(p) for p in e.absolute_path)])
+        raise KcdError(f"{key}: {e.message}")
+
+
 def validate_config(cfg: dict) -> dict:
     """Check ``cfg`` against the schema and the registries; the first error names its key."""
     validator = jsonschema.Draft202012Validator(schema())

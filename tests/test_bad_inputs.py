@@ -311,6 +311,13 @@ CLI_CASES = [
          "seed"),
     Case("cli-spec-wrong-type", lambda ws: ["pretrain", "--spec", json.dumps(_pretrain_spec(
         ws, recipe={"iterations": "ten"}))], "iterations"),
+    Case("cli-spec-batch-size-zero", lambda ws: ["pretrain", "--spec", json.dumps(_pretrain_spec(
+        ws, recipe={"iterations": 2, "batch_size": 0, "lr": 0.1}))],
+         "--spec key recipe.batch_size: 0 is less than the minimum of 1"),
+    Case("cli-spec-negative-lr", lambda ws: ["pretrain", "--spec", json.dumps(_pretrain_spec(
+        ws, recipe={"iterations": 2, "batch_size": 2, "lr": -1.0}))], "recipe.lr"),
+    Case("cli-spec-binary-file", lambda ws: ["pretrain", "--spec", str(ws / "w" / "resnet20.pt")],
+         "is not a text file"),
     Case("cli-spec-wrong-type-nested", lambda ws: ["pretrain", "--spec", json.dumps(
         _pretrain_spec(ws, data="cifar100"))], "data"),
     Case("cli-runtime-not-key-value", lambda ws: ["pretrain", "--spec", json.dumps(
@@ -326,6 +333,9 @@ CLI_CASES = [
     Case("cli-init-bad-classes", lambda ws: ["init", "--arch", "resnet20", "--seed", "0",
                                              "--num-classes", "0", "--out",
                                              str(ws / "out" / "x.pt")], "num_classes"),
+    Case("cli-transform-negative-lr", lambda ws: [
+        "transform", "--stats", str(ws / "s" / "stats.pt"), "--strategy", "subnet-fc",
+        "--lr", "-1", "--out", str(ws / "out" / "t.pt")], "--lr: -1 is not above 0"),
     Case("cli-transform-unknown-strategy", lambda ws: [
         "transform", "--stats", str(ws / "s" / "stats.pt"), "--strategy", "hungarian",
         "--metric", "correlation", "--out", str(ws / "out" / "t.pt")], "hungarian"),
