@@ -497,9 +497,10 @@ def recipe(cfg: dict, dataset: str, arch: str) -> Recipe:
 
 def method_config(cfg: dict, dataset: str, method: str) -> dict:
     """``methods.<method>`` with ``method_overrides.<dataset>.<method>`` merged over it."""
-    if method == "baseline":
+    from kcd.losses import BASELINE, LOSSES
+
+    if method == BASELINE:
         return {}
-    from kcd.losses import LOSSES
 
     LOSSES.get(method)
     base = cfg.get("methods", {}).get(method, {})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kcd.losses import BASELINE
 from kcd.naming import THETA0_TAG_SUFFIX, parse_transform_name, source_pair
 
 
@@ -114,7 +115,7 @@ class Layout:
                  transform: str, seed: object, file: str = "result.json") -> str:
         """A file of a table cell's run (its result, or ``final.pt``): ``baseline`` is the
         student's own pre-training."""
-        if method == "baseline":
+        if method == BASELINE:
             return self.model_file(ds, student, seed, file)
         return f"{self.run_dir(ds, teacher, tseed, student, method, transform, seed)}/{file}"
 

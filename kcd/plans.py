@@ -45,7 +45,7 @@ from kcd.tables import (
 
 COMPARISON_TITLES = {"table7": "comparison with other methods on CIFAR-100",
                      "table8": "comparison with other methods on ImageNet"}
-DETECTION_ROWS = (("Student", "baseline", NO_TRANSFORM), ("L2", "l2", NO_TRANSFORM),
+DETECTION_ROWS = (("Student", BASELINE, NO_TRANSFORM), ("L2", "l2", NO_TRANSFORM),
                   ("Ours", "l2", KCD))
 """Table 9: each student pre-trained, with L2, and with L2 to the transformed teacher."""
 

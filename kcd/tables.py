@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kcd.checkpoint import atomic_write_text
 from kcd.errors import KcdError
+from kcd.losses import BASELINE
 from kcd.naming import METRICS, NO_TRANSFORM, STRATEGIES, parse_transform_name
 from kcd.registry import Registry
 
@@ -60,7 +61,7 @@ teacher). A config's ``tables.<name>.rows`` picks and orders them."""
 def _comparison_rows() -> None:
     from kcd.losses import LOSSES
 
-    COMPARISON_ROWS.register("Baseline", Row("Baseline", "baseline"))
+    COMPARISON_ROWS.register("Baseline", Row("Baseline", BASELINE))
     for name, method in LOSSES.items():
         COMPARISON_ROWS.register(method.label, Row(method.label, name))
     for name, method in LOSSES.items():
@@ -233,11 +234,11 @@ class ConsistencyRow:
 
 
 FEATURE_CONSISTENCY_ROWS: tuple[ConsistencyRow, ...] = (
-    ConsistencyRow("Baseline (T vs trained S)", "baseline", NO_TRANSFORM, NO_TRANSFORM,
+    ConsistencyRow("Baseline (T vs trained S)", BASELINE, NO_TRANSFORM, NO_TRANSFORM,
                    "Baseline (T vs trained S)", note=None),
     # A channel transform maps the teacher's features, not its logits: this row's KL would be
     # row 1's by construction (the paper prints 0.86 vs 0.89), so only its L2 is measured.
-    ConsistencyRow("Transformed T vs trained S (before distillation)", "baseline", NO_TRANSFORM,
+    ConsistencyRow("Transformed T vs trained S (before distillation)", BASELINE, NO_TRANSFORM,
                    KCD, "Transformed T vs trained S (before distillation)",
                    note="row label inferred (lost in the paper's text); KL not applicable: a "
                         "channel transform leaves the teacher's outputs, so its KL would repeat "

@@ -1,13 +1,16 @@
 # Glue between Snakemake and kcd: the resolved config, wildcards, and the input functions that
 # call kcd/layout.py (every path) and kcd/plans.py (every spec and table plan).
 import json
+import re
 import shlex
 import sys
 from urllib.parse import urlencode
 
 from kcd.config import workflow_config
+from kcd.data import DATASETS, EVAL_SPLIT, TRAIN_SPLIT
 from kcd.errors import KcdError
 from kcd.layout import Layout
+from kcd.losses import BASELINE, LOSSES
 from kcd.naming import LEARNED_FILE_WILDCARD, STATS_FILE_WILDCARD, WILDCARD as TRANSFORM_NAMES
 from kcd.plans import Plans
 from kcd.specs import runtime_text, split_runtime
@@ -46,19 +49,19 @@ log_path = L.log
 
 # No wildcard may carry a path separator or a shell metacharacter.
 wildcard_constraints:
-    ds=r"[a-z0-9]+",
+    ds="|".join(map(re.escape, DATASETS.names())),
     arch=r"[A-Za-z0-9_.]+",
     teacher=r"[A-Za-z0-9_.]+",
     student=r"[A-Za-z0-9_.]+",
     seed=r"\d+",
     tseed=r"\d+",
-    method=r"[a-z0-9]+",
+    method="|".join(map(re.escape, [BASELINE, *LOSSES.names()])),
     transform=TRANSFORM_NAMES,
     tw=r"s\d+(-init)?",
     sw=r"s\d+(-init)?",
     folder="|".join(P.DEMO_FOLDERS.values()),
     n=r"\d+",
-    split=r"train|val",
+    split="|".join((TRAIN_SPLIT, EVAL_SPLIT)),
 
 
 def table_plan(n):
