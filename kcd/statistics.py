@@ -111,10 +111,18 @@ def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
     return {"samples": stats.n, "c_t": stats.c_t, "c_s": stats.c_s, "groups": sorted(per_group)}
 
 
+_STATISTICS_KEYS = ("teacher", "student", "layers", "num_classes", "global", "groups")
+"""What a statistics file holds besides its ``kind`` (written above)."""
+
+
 def _load_statistics(path: str | os.PathLike) -> dict:
     obj = load_file(path, "statistics")
     if not isinstance(obj, dict) or obj.get("kind") != "kcd-statistics":
         raise KcdError(f"{path} is not a kcd statistics file; run `kcd statistics` to make one")
+    missing = [k for k in _STATISTICS_KEYS if k not in obj]
+    if missing:
+        raise KcdError(f"statistics {path} lack {', '.join(missing)} (a damaged or foreign "
+                       "file); delete it and rerun `kcd statistics`")
     if not _all_finite(obj):
         raise KcdError(f"statistics {path} hold NaN or inf values (a diverged model or a "
                        "damaged file); delete it and rerun `kcd statistics`")

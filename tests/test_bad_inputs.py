@@ -431,6 +431,8 @@ FILE_CASES = [
     Case("file-stats-wrong-shape", lambda ws: _transform(ws, str(ws / "bad" / "shape.pt")),
          "shape.pt", _changed("s/stats.pt", "shape.pt", lambda p: p["global"].update(
              c_t=p["global"]["c_t"] + 3))),
+    Case("file-stats-missing-key", lambda ws: _transform(ws, str(ws / "bad" / "nokey.pt")),
+         "nokey.pt lack global", _changed("s/stats.pt", "nokey.pt", lambda p: p.pop("global"))),
     Case("file-transform-truncated", lambda ws: _evaluate(
         ws, "--teacher", "resnet20", "--teacher-weights", str(ws / "w" / "resnet20.pt"),
         "--transform", str(ws / "bad" / "tt.pt")), "tt.pt", _copy_truncated("s/t.pt", "tt.pt")),

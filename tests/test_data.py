@@ -393,6 +393,14 @@ def test_coco_unknown_category(coco_copy):
         build_dataset("coco", coco_copy, "val")
 
 
+def test_coco_without_categories_has_no_class_count(coco_copy):
+    from kcd.data.datasets import num_classes
+
+    _edit_annotations(coco_copy, lambda d: (d.update(categories=[]), d.update(annotations=[])))
+    with pytest.raises(KcdError, match="instances_val2017.json lists no categories"):
+        num_classes("coco", coco_copy)
+
+
 def test_coco_missing_image(coco_copy):
     _edit_annotations(coco_copy, lambda d: d["images"][0].update(file_name="999999999999.jpg"))
     with pytest.raises(KcdError, match="999999999999.jpg.*is missing"):

@@ -131,7 +131,11 @@ def _class_count(name: str, root: str | os.PathLike) -> tuple[int, str]:
     if name != "coco":
         raise KcdError(f"kcd does not know how to count the classes of dataset {name}")
     dataset = build_dataset(name, root, "val")
-    largest = max(dataset.coco.getCatIds())  # type: ignore[attr-defined]
+    ids = dataset.coco.getCatIds()  # type: ignore[attr-defined]
+    if not ids:
+        raise KcdError(f"{root}/annotations/instances_val2017.json lists no categories; a COCO "
+                       "annotation file needs its 'categories'")
+    largest = max(ids)
     return largest + 1, (
         f"the largest category id in {root}/annotations/instances_val2017.json is {largest} "
         "(a detector takes that plus one, for the background)"
