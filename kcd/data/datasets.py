@@ -467,6 +467,33 @@ def imagenet_transform(train: bool, image_size: int = IMAGENET_IMAGE_SIZE) -> T.
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+class FolderPipeline:
+    """How an image-folder dataset's images become tensors: its ``geometry(train, image_size)``
+    (transforms up to the crop), its normalisation, its default image size. The fast loader's
+    decoded splits (:mod:`kcd.data.decoded`) use it apart from the dataset's own transform."""
+
+    def __init__(self, geometry: Callable[[bool, int], list], mean: tuple[float, ...],
+                 std: tuple[float, ...], image_size: int) -> None:
+        self.geometry, self.mean, self.std, self.image_size = geometry, mean, std, image_size
+
+
+FOLDER_PIPELINES = {"imagenet": FolderPipeline(imagenet_geometry, IMAGENET_MEAN, IMAGENET_STD,
+                                               IMAGENET_IMAGE_SIZE)}
+"""One per registered dataset stored as image files (``DatasetSpec.image_files``)."""
+_unpiped = [n for n, spec in DATASETS.items() if spec.image_files and n not in FOLDER_PIPELINES]
+if _unpiped:
+    raise KcdError(f"image-folder datasets {_unpiped} have no entry in "
+                   "kcd/data/datasets.py's FOLDER_PIPELINES; add their geometry and normalisation")
+
+
+def folder_pipeline(name: str) -> FolderPipeline:
+    """The :class:`FolderPipeline` of image-folder dataset ``name``."""
+    if name not in FOLDER_PIPELINES:
+        raise KcdError(f"dataset '{name}' is not stored as image files; only image-folder "
+                       "datasets are decoded")
+    return FOLDER_PIPELINES[name]
+
+
 def _class_folders(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir()) if folder.is_dir() else []
 

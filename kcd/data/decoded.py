@@ -35,15 +35,16 @@ def _dataset(data: DataSpec, split: str):
     geometry."""
     import torchvision.transforms as T
 
-    from kcd.data.datasets import IMAGENET_IMAGE_SIZE, build_dataset, imagenet_geometry
+    from kcd.data.datasets import build_dataset, folder_pipeline
 
+    pipeline = folder_pipeline(data.name)
     dataset = build_dataset(data.name, data.root, split, train_transform=False,
                             image_size=data.image_size)
     if not hasattr(dataset, "samples"):
         raise KcdError(f"dataset '{data.name}' is not stored as image files; only image-folder "
                        "datasets are decoded")
-    dataset.transform = T.Compose([*imagenet_geometry(False, data.image_size or
-                                                      IMAGENET_IMAGE_SIZE), T.PILToTensor()])
+    dataset.transform = T.Compose([*pipeline.geometry(False, data.image_size or
+                                                      pipeline.image_size), T.PILToTensor()])
     return dataset
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from kcd.data import EVAL_SPLIT, TRAIN_SPLIT, decoded
-from kcd.data.datasets import CIFAR_READERS, IMAGENET_MEAN, IMAGENET_STD, build_dataset
+from kcd.data.datasets import CIFAR_READERS, build_dataset, folder_pipeline
 from kcd.data.loader import TensorDataLoader
 from kcd.errors import KcdError
 from kcd.specs import DataSpec
@@ -126,7 +126,8 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
         return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=True,
                                 augment=False, seed=seed, rank=rank, world_size=world_size,
                                 drop_last=True, channels_last=channels_last,
-                                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+                                mean=folder_pipeline(data.name).mean,
+                                std=folder_pipeline(data.name).std)
     dataset = build_dataset(data.name, data.root, "train", train_transform=data.augment,
                             image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
@@ -155,8 +156,9 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
             stride = -(-len(images) // limit)
             images, labels = images[::stride], labels[::stride]
         return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=False,
-                                augment=False, drop_last=False, mean=IMAGENET_MEAN,
-                                std=IMAGENET_STD)
+                                augment=False, drop_last=False,
+                                mean=folder_pipeline(data.name).mean,
+                                std=folder_pipeline(data.name).std)
     dataset = build_dataset(data.name, data.root, split, train_transform=False,
                             image_size=data.image_size)
     if data.eval_limit is not None and split == EVAL_SPLIT:
