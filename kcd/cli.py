@@ -599,8 +599,8 @@ def _train_detector(args: argparse.Namespace) -> None:
 
     spec = from_dict(DetectionSpec, _spec_arg(args))
     tags, params = _run_params(spec)
-    with _tracker(args, f"kcd-{spec.tags.get('dataset', 'coco')}", _run_name(spec.tags), params,
-                  tags, out_dir=spec.out_dir) as tracker:
+    with _tracker(args, f"kcd-{spec.tags.get('dataset', spec.data.name)}", _run_name(spec.tags),
+                  params, tags, out_dir=spec.out_dir) as tracker:
         result = train_detector(spec, tracker=tracker, progress=not args.quiet)
         if tracker is not None:
             tracker.log_artifact(Path(spec.out_dir) / "result.json")

@@ -312,9 +312,13 @@ def _ordered_plan(n: int, batch_size: int) -> list[list[tuple[int, bool]]]:
 
 
 def _dataset(data: DataSpec, split: str) -> CheckedCocoDetection:
-    if data.name != "coco":
-        raise KcdError(f"detection runs on coco, not on dataset '{data.name}'")
-    return build_dataset("coco", data.root, split)
+    """A detection dataset's split (the registry's ``task: detection``, read COCO-style)."""
+    from kcd.data import DATASETS, datasets_of_task
+
+    if DATASETS.get(data.name).task != "detection":
+        raise KcdError(f"detection runs on a detection dataset "
+                       f"({', '.join(datasets_of_task('detection'))}), not on '{data.name}'")
+    return build_dataset(data.name, data.root, split)
 
 
 def _to_device(images: list[Tensor], targets: list[dict[str, Tensor]], device: torch.device):
