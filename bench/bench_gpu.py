@@ -116,7 +116,6 @@ from kcd.losses import DistillBatch, build_loss
 from kcd.models import build_model, model_spec
 from kcd.transforms import ChannelTransform
 
-FORMAT = THROUGHPUT_FORMAT  # what kcd.costs.read_throughput reads
 METHODS = ("fitnets", "ours", "kd")
 SECTIONS = ("cifar", "imagenet", "loader")
 
@@ -591,7 +590,7 @@ def throughput_table(rows: list[Row], meta: dict) -> dict:
             loader[row.setting.split("/")[0]] = round(row.images_per_s / workers, 1)
     for key, by_method in methods.items():
         throughput[key] = min(by_method.values())  # a cost plan wants the slowest method
-    table = {"format": FORMAT, "unit": "images/s per GPU",
+    table = {"format": THROUGHPUT_FORMAT, "unit": "images/s per GPU",
              **{k: meta[k] for k in ("device", "torch", "amp", "channels_last", "tiny")},
              "throughput": throughput, "methods": methods, "batch": batch}
     if loader:
@@ -648,7 +647,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="channels-last memory format (default: on for CUDA, off on the CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     parser.add_argument("--throughput", type=Path, default=None,
-                        help=f"write the {FORMAT} table (YAML if .yaml/.yml, else JSON)")
+                        help=f"write the {THROUGHPUT_FORMAT} table (YAML if .yaml/.yml, "
+                             "else JSON)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--iterations", type=int, default=None,
@@ -745,7 +745,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print_table(rows, meta)
     table = throughput_table(rows, meta)
-    print(f"\nthroughput table ({FORMAT}):")
+    print(f"\nthroughput table ({THROUGHPUT_FORMAT}):")
     print(json.dumps(table["throughput"], indent=1))
     print(f"total {meta['seconds']:.1f} s")
     if args.json is not None:

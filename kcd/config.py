@@ -218,25 +218,30 @@ def load_config(paths: Iterable[str | Path] = (), overrides: Iterable[str] = ())
     return resolve_config(paths, over)
 
 
+def _check_schema(value: Any, part: dict, where: str) -> None:
+    """Raise the first error of ``value`` against the schema ``part`` as one line naming its
+    key, prefixed with ``where`` (the shallowest error first)."""
+    validator = jsonschema.Draft202012Validator(part)
+    errors = sorted(validator.iter_errors(value),
+                    key=lambda e: (len(e.absolute_path), str(e.path)))
+    if errors:
+        e = errors[0]
+        key = ".".join([*([where] if where else []), *(str(p) for p in e.absolute_path)])
+        raise KcdError(f"{key or '(top level)'}: {e.message}")
+
+
 def check_recipe(recipe: dict, where: str) -> None:
     """Check a job's recipe (e.g. from a ``--spec``) against the config schema's ``recipe``,
     the ranges a config's recipes are held to; the error names ``where``'s key."""
-    validator = jsonschema.Draft202012Validator(schema()["$defs"]["recipe"])
-    errors = sorted(validator.iter_errors(recipe), key=lambda e: str(e.path))
-    if errors:
-        e = errors[0]
-        key = ".".join([where, *(str(p) for p in e.absolute_path)])
-        raise KcdError(f"{key}: {e.message}")
+    _check_schema(recipe, schema()["$defs"]["recipe"], where)
 
 
 def validate_config(cfg: dict) -> dict:
     """Check ``cfg`` against the schema and the registries; the first error names its key."""
-    validator = jsonschema.Draft202012Validator(schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.path)))
-    if errors:
-        e = errors[0]
-        key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise KcdError(f"config key {key}: {e.message}")
+    try:
+        _check_schema(cfg, schema(), "")
+    except KcdError as e:
+        raise KcdError(f"config key {e}") from None
     paths = {"results": cfg.get("results"), "tracking.uri": cfg.get("tracking", {}).get("uri"),
              "demo_data.root": cfg.get("demo_data", {}).get("root"),
              **{f"datasets.{n}.root": d.get("root") for n, d in cfg.get("datasets", {}).items()}}

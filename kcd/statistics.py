@@ -111,7 +111,7 @@ def compute_statistics(spec: StatisticsSpec, progress: bool = True) -> dict:
     return {"samples": stats.n, "c_t": stats.c_t, "c_s": stats.c_s, "groups": sorted(per_group)}
 
 
-_STATISTICS_KEYS = ("teacher", "student", "layers", "num_classes", "global", "groups")
+STATISTICS_KEYS = ("teacher", "student", "layers", "num_classes", "global", "groups")
 """What a statistics file holds besides its ``kind`` (written above)."""
 
 
@@ -119,7 +119,7 @@ def _load_statistics(path: str | os.PathLike) -> dict:
     obj = load_file(path, "statistics")
     if not isinstance(obj, dict) or obj.get("kind") != "kcd-statistics":
         raise KcdError(f"{path} is not a kcd statistics file; run `kcd statistics` to make one")
-    missing = [k for k in _STATISTICS_KEYS if k not in obj]
+    missing = [k for k in STATISTICS_KEYS if k not in obj]
     if missing:
         raise KcdError(f"statistics {path} lack {', '.join(missing)} (a damaged or foreign "
                        "file); delete it and rerun `kcd statistics`")

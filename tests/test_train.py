@@ -87,6 +87,9 @@ def trained_pair(demo_root, tmp_path_factory):
         cfg, dataset="cifar100", teacher="resnet20", teacher_weights=str(tmp / "teacher" / FINAL),
         student="resnet20_0.5x", student_weights=str(tmp / "student" / FINAL), out=str(stats),
         metrics=["correlation"]), progress=False)
+    from kcd.statistics import STATISTICS_KEYS  # what a reader checks is what is written
+
+    assert set(torch.load(stats, weights_only=True)) == {"kind", *STATISTICS_KEYS}
     transform = tmp / "bipartite.pt"
     meta = make_transform(stats, "bipartite", "correlation", transform)
     assert meta["gamma_after"] is not None and meta["student"] == "resnet20_0.5x"

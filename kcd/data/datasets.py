@@ -26,6 +26,7 @@ import contextlib
 import io
 import os
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -467,14 +468,16 @@ def imagenet_transform(train: bool, image_size: int = IMAGENET_IMAGE_SIZE) -> T.
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+@dataclass(frozen=True)
 class FolderPipeline:
     """How an image-folder dataset's images become tensors: its ``geometry(train, image_size)``
     (transforms up to the crop), its normalisation, its default image size. The fast loader's
     decoded splits (:mod:`kcd.data.decoded`) use it apart from the dataset's own transform."""
 
-    def __init__(self, geometry: Callable[[bool, int], list], mean: tuple[float, ...],
-                 std: tuple[float, ...], image_size: int) -> None:
-        self.geometry, self.mean, self.std, self.image_size = geometry, mean, std, image_size
+    geometry: Callable[[bool, int], list]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
 
 
 FOLDER_PIPELINES = {"imagenet": FolderPipeline(imagenet_geometry, IMAGENET_MEAN, IMAGENET_STD,

@@ -123,11 +123,11 @@ def train_stream(data: DataSpec, batch_size: int, seed: int = 0, rank: int = 0,
                                            channels_last=channels_last)
     if data.decoded and not data.augment:  # an image-folder split decoded once
         images, labels = decoded.load(decoded.decoded_path(data, TRAIN_SPLIT), data, TRAIN_SPLIT)
+        pipeline = folder_pipeline(data.name)
         return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=True,
                                 augment=False, seed=seed, rank=rank, world_size=world_size,
                                 drop_last=True, channels_last=channels_last,
-                                mean=folder_pipeline(data.name).mean,
-                                std=folder_pipeline(data.name).std)
+                                mean=pipeline.mean, std=pipeline.std)
     dataset = build_dataset(data.name, data.root, "train", train_transform=data.augment,
                             image_size=data.image_size, download=data.download)
     return SampleStream(dataset, batch_size, seed=seed, rank=rank, world_size=world_size,
@@ -155,10 +155,10 @@ def eval_batches(data: DataSpec, batch_size: int, split: str = EVAL_SPLIT,
         if limit is not None and limit < len(images):
             stride = -(-len(images) // limit)
             images, labels = images[::stride], labels[::stride]
+        pipeline = folder_pipeline(data.name)
         return TensorDataLoader(images, labels, batch_size=batch_size, shuffle=False,
-                                augment=False, drop_last=False,
-                                mean=folder_pipeline(data.name).mean,
-                                std=folder_pipeline(data.name).std)
+                                augment=False, drop_last=False, mean=pipeline.mean,
+                                std=pipeline.std)
     dataset = build_dataset(data.name, data.root, split, train_transform=False,
                             image_size=data.image_size)
     if data.eval_limit is not None and split == EVAL_SPLIT:
